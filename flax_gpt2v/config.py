@@ -1,0 +1,223 @@
+"""Model configuration: HF `GPT2Config` field names plus the variant keys of SPEC 2-5.
+
+`load_config` accepts a dict or a JSON path holding either a model config (ours,
+an HF `config.json`, the original's Hub config) or one of the original's
+experiment files, whose training keys are set aside for the trainer. Every
+value is checked here, once, so the models can trust their config.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+MODEL_TYPES = ("gpt2", "dd-gpt2", "parallel-gpt2", "duo-predict-gpt2", "rotating-head-gpt2")
+
+# Sizes of the public GPT-2 checkpoints, embedded so no download is needed. The
+# original adds <|MASK|> to the tokenizer for every variant, hence 50258.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+}
+DEFAULT_PRESET = "gpt2-medium"
+GPT2_VOCAB = 50257
+MASK_TOKEN = "<|MASK|>"
+
+BASE_DEFAULTS: dict[str, Any] = dict(
+    model_type="gpt2",
+    vocab_size=GPT2_VOCAB + 1,
+    n_positions=1024,
+    **PRESETS[DEFAULT_PRESET],
+    n_inner=None,
+    activation_function="gelu_new",
+    resid_pdrop=0.1,
+    embd_pdrop=0.1,
+    attn_pdrop=0.1,
+    layer_norm_epsilon=1e-5,
+    initializer_range=0.02,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
+
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {},
+    "dd-gpt2": dict(apply_drift=True, apply_diffusion=False, baseline_each_head=True),
+    "parallel-gpt2": dict(bottleneck_method="mean"),
+    # SPEC 4: the original trained duo with 512 positions and 512-token blocks.
+    "duo-predict-gpt2": dict(n_positions=512, duo_loss="dual", mask_token_id=None),
+    "rotating-head-gpt2": dict(rotatinghead="lr", use_norm=False, base_frequency=10000.0,
+                               gp_scales="code"),
+}
+
+CHOICES = {
+    "bottleneck_method": ("mean", "add", "concat"),
+    "rotatinghead": ("lr", "gp"),
+    "gp_scales": ("code", "seed"),
+    "duo_loss": ("dual", "original"),
+    "activation_function": ("gelu_new",),
+}
+
+# Fields HF writes into config.json that change nothing in these models; they are
+# accepted and dropped. Those that WOULD change the math are checked instead.
+HF_PASSTHROUGH = {
+    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
+    "summary_use_proj", "_name_or_path", "pad_token_id", "n_ctx", "tie_word_embeddings",
+    "output_attentions", "output_hidden_states", "return_dict", "task_specific_params",
+    "id2label", "label2id", "_attn_implementation_autoset", "attn_implementation",
+    "flax_gpt2v_format",
+}
+HF_MUST_BE = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
+
+# Keys of the original's experiment files (and of our train configs). They do not
+# describe the model; `split_config` hands them to the trainer.
+TRAINING_KEYS = {
+    "run_name", "dataset", "model_name_or_path", "model_name", "tokenizer_name",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "batch_size",
+    "learning_rate", "num_train_epochs", "warmup_ratio", "warmup_steps", "weight_decay",
+    "lr_scheduler_type", "block_size", "max_seq_length", "bf16", "fp16", "eval_steps",
+    "save_steps", "logging_steps", "gradient_accumulation_steps", "gradient_checkpointing",
+    "save_total_limit", "seed", "data_seed", "output_dir", "max_steps", "eval_strategy",
+    "evaluation_strategy", "save_strategy", "logging_strategy", "report_to",
+    "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "early_stopping_patience", "early_stopping_threshold", "push_to_hub", "hub_model_id",
+    "overwrite_output_dir", "do_train", "do_eval", "train_file", "validation_file",
+    "mesh", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
+    "device_map", "torch_empty_cache_steps", "dataloader_num_workers", "logging_dir",
+    "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",
+    "preprocessing_num_workers", "max_eval_samples", "max_train_samples", "streaming",
+    "validation_split_percentage", "cache_dir", "export_hf", "distributed",
+}
+
+_INT = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_FLOAT = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
+          "base_frequency")
+_BOOL = ("apply_drift", "apply_diffusion", "baseline_each_head", "use_norm")
+_OPT_INT = ("n_inner", "bos_token_id", "eos_token_id", "mask_token_id")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"config key '{key}': {msg}")
+
+
+def read_json(src: str | os.PathLike) -> dict:
+    path = os.path.join(src, "config.json") if os.path.isdir(src) else src
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def split_config(src: Mapping[str, Any] | str | os.PathLike) -> tuple[dict, dict]:
+    """(model config, training keys) from a dict or JSON file; model config validated."""
+    raw = dict(src) if isinstance(src, Mapping) else read_json(src)
+    train = {k: raw.pop(k) for k in list(raw) if k in TRAINING_KEYS}
+    preset = train.get("model_name_or_path", train.get("model_name"))
+    return _normalize(raw, preset, train), train
+
+
+def load_config(src: Mapping[str, Any] | str | os.PathLike) -> dict:
+    """The full, validated model config as a plain dict with HF field names."""
+    return split_config(src)[0]
+
+
+def _normalize(raw: dict, preset: str | None, train: dict) -> dict:
+    model_type = raw.get("model_type", "gpt2")
+    if model_type not in MODEL_TYPES:
+        raise _err("model_type", f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    if "rotatinghead" in raw and model_type != "rotating-head-gpt2":
+        raise _err("rotatinghead", f"only applies to rotating-head-gpt2, not {model_type}")
+
+    cfg = dict(BASE_DEFAULTS)
+    if isinstance(preset, str) and os.path.basename(preset.rstrip("/")) in PRESETS:
+        cfg.update(PRESETS[os.path.basename(preset.rstrip("/"))])
+    cfg.update(VARIANT_DEFAULTS[model_type])
+    known = set(cfg) | HF_PASSTHROUGH | set(HF_MUST_BE)
+    for key, value in raw.items():
+        if key not in known:
+            raise _err(key, f"unknown key for model_type {model_type!r}")
+        if key in HF_MUST_BE:
+            if value != HF_MUST_BE[key]:
+                raise _err(key, f"only {HF_MUST_BE[key]!r} is supported, got {value!r}")
+        elif key not in HF_PASSTHROUGH:
+            cfg[key] = value
+    cfg["model_type"] = model_type
+    _check_types(cfg)
+    _check_values(cfg, train)
+    return cfg
+
+
+def _check_types(cfg: dict) -> None:
+    for key in _INT:
+        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0):
+            raise _err(key, f"must be a positive integer, got {cfg[key]!r}")
+    for key in _OPT_INT:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise _err(key, f"must be a non-negative integer or null, got {v!r}")
+    for key in _FLOAT:
+        if key in cfg:
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise _err(key, f"must be a number, got {v!r}")
+            cfg[key] = float(v)
+    for key in _BOOL:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise _err(key, f"must be true or false, got {cfg[key]!r}")
+    for key, allowed in CHOICES.items():
+        if key in cfg and cfg[key] not in allowed:
+            raise _err(key, f"must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+
+
+def _check_values(cfg: dict, train: dict) -> None:
+    d, h = cfg["n_embd"], cfg["n_head"]
+    if d % h:
+        raise _err("n_head", f"n_embd {d} is not divisible by n_head {h}")
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise _err(key, f"dropout must be in [0, 1), got {cfg[key]}")
+    mt = cfg["model_type"]
+    if mt == "parallel-gpt2" and cfg["n_layer"] % 2:
+        raise _err("n_layer", f"parallel-gpt2 needs an even number of layers, got {cfg['n_layer']}")
+    if mt == "rotating-head-gpt2" and (d // h) % 2:
+        raise _err("n_head", f"rotating-head-gpt2 needs an even head dim, got {d // h}")
+    if mt == "duo-predict-gpt2":
+        if cfg["mask_token_id"] is None:
+            cfg["mask_token_id"] = cfg["vocab_size"] - 1
+        if cfg["mask_token_id"] >= cfg["vocab_size"]:
+            raise _err("mask_token_id", f"{cfg['mask_token_id']} is outside the vocabulary of {cfg['vocab_size']}")
+    for key in ("block_size", "max_seq_length"):
+        n = train.get(key)
+        if n is None:
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise _err(key, f"must be a positive integer, got {n!r}")
+        if n > cfg["n_positions"]:
+            raise _err(key, f"sequence length {n} is longer than the {cfg['n_positions']} positions "
+                            "the model has (n_positions)")
+
+
+def head_dim(cfg: Mapping[str, Any]) -> int:
+    return cfg["n_embd"] // cfg["n_head"]
+
+
+def inner_dim(cfg: Mapping[str, Any]) -> int:
+    return cfg["n_inner"] or 4 * cfg["n_embd"]

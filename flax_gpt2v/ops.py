@@ -1,0 +1,125 @@
+"""Pure functions for the math the models share: masks, positions, rotary, losses.
+
+Masks are boolean, True where a query may attend to a key, shaped [Tq, Tk].
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IGNORE = -100
+
+
+def gelu_new(x):
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def causal_mask(q_positions, k_positions):
+    """Each query sees keys at its own position or earlier (absolute positions, so a
+    KV cache of any length works: unwritten slots lie in the future)."""
+    return k_positions[None, :] <= q_positions[:, None]
+
+
+def duo_positions(length: int):
+    """Interleaved layout x0, M, x1, M, ...: index 2m and 2m+1 both use position m."""
+    return jnp.arange(length) // 2
+
+
+def duo_mask(length: int):
+    """SPEC 4 attention pattern over the interleaved layout.
+
+    A real token (index 2m) sees real tokens x_0..x_m. The mask after x_m (index
+    2m+1) sees x_0..x_{m-1}, itself and the next real token x_{m+1}, never x_m.
+    """
+    q = jnp.arange(length)[:, None]
+    k = jnp.arange(length)[None, :]
+    q_real, k_real = q % 2 == 0, k % 2 == 0
+    qm, km = q // 2, k // 2
+    real_query = q_real & k_real & (km <= qm)
+    mask_query = ~q_real & ((k_real & (km <= qm - 1)) | (k == q) | (k_real & (km == qm + 1)))
+    return real_query | mask_query
+
+
+def interleave(tokens, mask_token_id: int):
+    """Plain token blocks [B, L] -> interleaved inputs [B, 2L-1] with mask ids at odd indices."""
+    tokens = jnp.asarray(tokens)
+    b, n = tokens.shape
+    out = jnp.full((b, 2 * n - 1), mask_token_id, dtype=tokens.dtype)
+    return out.at[:, ::2].set(tokens)
+
+
+def duo_targets(tokens, loss: str = "dual"):
+    """Targets [B, 2L-1] for the interleaved layout of `tokens` [B, L]; IGNORE where none.
+
+    "dual" (this project's default, SPEC 4): index 2m predicts x_{m+1}, index 2m+1
+    predicts x_m (the token hidden between its context and right neighbour).
+    "original": what the original actually trained after HF's extra causal shift:
+    index 2m -> x_m (a copy of itself) and index 2m+1 -> x_{m+2}.
+    """
+    tokens = jnp.asarray(tokens)
+    b, n = tokens.shape
+    t = jnp.full((b, 2 * n - 1), IGNORE, dtype=jnp.int32)
+    x = tokens.astype(jnp.int32)
+    if loss == "dual":
+        return t.at[:, 0:-1:2].set(x[:, 1:]).at[:, 1::2].set(x[:, :-1])
+    if loss == "original":
+        return t.at[:, 0:-1:2].set(x[:, :-1]).at[:, 1:-2:2].set(x[:, 2:])
+    raise ValueError(f"duo loss must be 'dual' or 'original', got {loss!r}")
+
+
+def next_token_targets(tokens):
+    """Causal-LM targets [B, T]: position t predicts token t+1; the last has none."""
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], IGNORE)], axis=1)
+
+
+def cross_entropy(logits, targets):
+    """Summed token cross-entropy (fp32), number of scored tokens and correct argmax count.
+
+    Returned as sums so that callers can average over any grouping (batches,
+    accumulation steps, devices) exactly.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE
+    safe = jnp.where(valid, targets, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, logz - gold, 0.0)
+    correct = jnp.where(valid, jnp.argmax(logits, axis=-1) == safe, False)
+    return nll.sum(), valid.sum(), correct.sum()
+
+
+def gp_frequencies(n_head: int, head_dim: int, base_frequency: float, scales: str = "code"):
+    """Fixed GP rotary frequencies [H, Dh/2] (SPEC 5).
+
+    "code": scale_h = 10 ** (-h / (H - 1)), as the original code and its Hub
+    checkpoints; "seed": exp(linspace(0, 1, H)), as the seed page wrote it.
+    """
+    if scales == "code":
+        h = np.arange(n_head, dtype=np.float64)
+        scale = 10.0 ** (-h / (n_head - 1)) if n_head > 1 else np.ones(1)
+    elif scales == "seed":
+        scale = np.exp(np.linspace(0.0, 1.0, n_head))
+    else:
+        raise ValueError(f"gp scales must be 'code' or 'seed', got {scales!r}")
+    base = base_frequency ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return jnp.asarray(scale[:, None] * base[None, :], dtype=jnp.float32)
+
+
+def rotate_interleaved(x, positions, frequencies):
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, H, Dh] by angle position * f[h, i].
+
+    positions: [T] absolute positions (cache offset included); frequencies [H, Dh/2].
+    Computed in fp32 and cast back, since bf16 angles lose whole turns at long range.
+    """
+    angle = positions.astype(jnp.float32)[:, None, None] * frequencies.astype(jnp.float32)[None]
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    xf = x.astype(jnp.float32)
+    even, odd = xf[..., 0::2], xf[..., 1::2]
+    rot_even = even * cos - odd * sin
+    rot_odd = even * sin + odd * cos
+    return jnp.stack([rot_even, rot_odd], axis=-1).reshape(x.shape).astype(x.dtype)

@@ -1,0 +1,12 @@
+"""flax-gpt2v: GPT-2 and four research variants in Flax, with exact PyTorch/HF conversion.
+
+    import flax_gpt2v as fg
+    lm = fg.init(config, seed=0)      # dict or JSON path
+    lm = fg.load(path)                # native checkpoint or HF/torch directory
+    lm(input_ids), lm.generate(input_ids), lm.save(path)
+"""
+from .config import ConfigError, load_config
+from .lm import LM, init, load
+from .models import MODEL_CLASSES, build_model
+
+__all__ = ["ConfigError", "LM", "MODEL_CLASSES", "build_model", "init", "load", "load_config"]

@@ -1,0 +1,242 @@
+"""Checkpoint directories: the native Flax format and Hugging Face directories (SPEC 7).
+
+Native: `config.json` (the validated config + "flax_gpt2v_format") and
+`flax_params.safetensors` (float32, keys = '/'-joined Flax paths), plus the
+tokenizer files when known. HF: what `transformers` (and the original's classes)
+load as-is. Every write goes to a temporary sibling directory that is renamed
+into place only when complete, so a failed write never leaves a half-written
+checkpoint nor destroys an existing one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from .config import HF_MUST_BE, load_config, read_json
+from .keymap import check_flax_params, flatten_params, flax_to_torch_state, torch_to_flax_params, unflatten_params
+
+NATIVE_FORMAT = 1
+CONFIG_FILE = "config.json"
+NATIVE_WEIGHTS = "flax_params.safetensors"
+HF_WEIGHTS = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+EXPORT_DTYPES = ("float32", "bfloat16")
+# The original's class names, so its own code recognises the exported files.
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "dd-gpt2": "DDGPT2LMHeadModel",
+    "parallel-gpt2": "ParallelGPT2LMHeadModel",
+    "duo-predict-gpt2": "DuoPredictGPT2LMHeadModel",
+    "rotating-head-gpt2": "RotatingHeadGPT2LMHeadModel",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, corrupt or would be overwritten."""
+
+
+def is_native(path: str | os.PathLike) -> bool:
+    return all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, NATIVE_WEIGHTS))
+
+
+def is_hf(path: str | os.PathLike) -> bool:
+    return all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, HF_WEIGHTS))
+
+
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    return bool(_tokenizer_files(directory))
+
+
+def _tokenizer_files(directory: str | os.PathLike) -> list[str]:
+    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+
+
+def save_native(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping[str, Any],
+                tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> list[str]:
+    """Write a native checkpoint; returns the file names written."""
+    cfg = load_config(cfg)
+    flat = flatten_params(params)
+    check_flax_params(flat, cfg)
+    arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
+
+    def write(tmp: str) -> None:
+        _write_json(os.path.join(tmp, CONFIG_FILE), {**cfg, "flax_gpt2v_format": NATIVE_FORMAT})
+        safetensors.numpy.save_file(arrays, os.path.join(tmp, NATIVE_WEIGHTS))
+        _copy_tokenizer(tokenizer_dir, tmp)
+
+    return _write_dir_atomically(path, overwrite, write)
+
+
+def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(validated config, nested float32 numpy params) of a native checkpoint."""
+    _require_files(path, (CONFIG_FILE, NATIVE_WEIGHTS), "flax_gpt2v checkpoint")
+    raw = read_json(path)
+    if raw.get("flax_gpt2v_format") != NATIVE_FORMAT:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: flax_gpt2v_format is "
+                              f"{raw.get('flax_gpt2v_format')!r}, expected {NATIVE_FORMAT}")
+    cfg = load_config(raw)
+    file = os.path.join(path, NATIVE_WEIGHTS)
+    flat = _read_safetensors(file, safetensors.numpy.load_file)
+    for key, a in flat.items():
+        if a.dtype != np.float32:
+            raise CheckpointError(f"corrupt checkpoint: {file}: {key} is {a.dtype}, expected float32")
+    check_flax_params(flat, cfg)
+    return cfg, unflatten_params(flat)
+
+
+def load_hf_dir(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(validated config, nested float32 numpy params) of an HF directory: ours or the original's."""
+    _require_files(path, (CONFIG_FILE, HF_WEIGHTS), "Hugging Face checkpoint directory")
+    raw = read_json(path)
+    state = _read_safetensors(os.path.join(path, HF_WEIGHTS), _load_torch_as_float32)
+    if raw.get("model_type") == "rotating-head-gpt2" and "use_norm" not in raw:
+        # SPEC 5: the original's Hub configs have no use_norm; only its later version,
+        # which always applies the LayerNorm, stores rope.layer_norm.* weights.
+        raw["use_norm"] = any(".attn.rope.layer_norm." in k for k in state)
+    cfg = load_config(raw)
+    return cfg, torch_to_flax_params(state, cfg)
+
+
+def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping[str, Any],
+                dtype: str = "float32", force: bool = False,
+                tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """Write an HF directory per SPEC 7; returns {"dtype": written dtype, "files": names}."""
+    import torch
+    import safetensors.torch
+
+    if dtype not in EXPORT_DTYPES:
+        raise CheckpointError(f"export dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    cfg = load_config(cfg)
+    torch_dtype = getattr(torch, dtype)
+    # np.array copies: torch.from_numpy needs a writable array and jax buffers are read-only.
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(torch_dtype).contiguous()
+               for k, v in flax_to_torch_state(params, cfg).items()}
+    mt = cfg["model_type"]
+    hf_config = {"architectures": [ARCHITECTURES[mt]], **cfg, **HF_MUST_BE,
+                 "torch_dtype": dtype, "dtype": dtype}
+    modeling = None
+    if mt != "gpt2":  # the baseline is transformers' own GPT2LMHeadModel
+        from .torch_twins import TWINS, bundle_source
+        config_cls, model_cls, filename = TWINS[mt]
+        module = os.path.splitext(filename)[0]
+        hf_config["auto_map"] = {"AutoConfig": f"{module}.{config_cls.__name__}",
+                                 "AutoModel": f"{module}.{model_cls.__name__}",
+                                 "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
+        modeling = (filename, bundle_source(mt))
+    generation_config = {"_from_model_config": True, "bos_token_id": cfg["bos_token_id"],
+                         "eos_token_id": cfg["eos_token_id"]}
+
+    def write(tmp: str) -> None:
+        _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
+        # "format": "pt" is what transformers requires to load a safetensors file.
+        safetensors.torch.save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
+        if modeling:
+            with open(os.path.join(tmp, modeling[0]), "w") as f:
+                f.write(modeling[1])
+        _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), generation_config)
+        _copy_tokenizer(tokenizer_dir, tmp)
+
+    return {"dtype": dtype, "files": _write_dir_atomically(path, force, write)}
+
+
+def export_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
+              force: bool = False) -> dict:
+    """Native checkpoint `src` -> HF directory `dst`, tokenizer included; see save_hf_dir."""
+    _check_distinct(src, dst)
+    cfg, params = load_native(src)
+    return save_hf_dir(dst, cfg, params, dtype=dtype, force=force,
+                       tokenizer_dir=src if has_tokenizer(src) else None)
+
+
+def import_hf(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> list[str]:
+    """HF directory `src` -> native checkpoint `dst`, tokenizer included; returns the file names."""
+    _check_distinct(src, dst)
+    cfg, params = load_hf_dir(src)
+    return save_native(dst, cfg, params, tokenizer_dir=src if has_tokenizer(src) else None,
+                       overwrite=force)
+
+
+def _check_distinct(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    # Replacing the source with its own conversion would lose the source.
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise CheckpointError(f"source and destination are the same directory: {src}")
+
+
+def _require_files(path: str | os.PathLike, names: tuple[str, ...], kind: str) -> None:
+    if not os.path.isdir(path):
+        raise CheckpointError(f"not a {kind}: {path} is not a directory")
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise CheckpointError(f"not a {kind}: {path} has no {', '.join(missing)}")
+
+
+def _read_safetensors(file: str, load: Callable[[str], dict]) -> dict:
+    try:
+        return load(file)
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"corrupt checkpoint: {file}: {e}") from None
+
+
+def _load_torch_as_float32(file: str) -> dict[str, np.ndarray]:
+    # Through torch because numpy has no bfloat16; widening to float32 is exact.
+    import safetensors.torch
+    return {k: v.float().numpy() for k, v in safetensors.torch.load_file(file).items()}
+
+
+def _write_json(file: str, data: Mapping[str, Any]) -> None:
+    with open(file, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _copy_tokenizer(src: str | os.PathLike | None, dst: str) -> None:
+    if src is None:
+        return
+    names = _tokenizer_files(src)
+    if not names:
+        raise CheckpointError(f"no tokenizer files in {src} (looked for {', '.join(TOKENIZER_FILES)})")
+    for name in names:
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callable[[str], None]) -> list[str]:
+    """Run write(tmp_dir), then move tmp_dir to `path`; returns the names written."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} exists and is not a directory")
+        if os.listdir(path) and not replace:
+            raise CheckpointError(f"{path} already exists and is not empty; refusing to overwrite it "
+                                  "without force")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem (atomic).
+    tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
+    try:
+        write(tmp)
+        files = sorted(os.listdir(tmp))
+        if os.path.isdir(path):
+            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files

@@ -1,0 +1,165 @@
+"""The one table that maps Flax parameter paths to torch state-dict keys (SPEC 1-5).
+
+Everything that converts weights (native <-> HF checkpoints, the CLIs) goes
+through `key_table`, so a key can only be added or renamed in one place.
+Conversion is strict: every key on both sides is used exactly once and every
+shape is checked; all problems are reported together in one `ConversionError`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple
+
+import numpy as np
+
+from .config import head_dim, inner_dim
+
+# Flax leaf name -> torch leaf name; every other path component is kept as is.
+_LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# Tied to wte (SPEC 1): never a Flax param, never written, accepted on import if equal.
+LM_HEAD_KEY = "lm_head.weight"
+_WTE_KEY = "transformer.wte.weight"
+# Long key lists are cut so the error stays one readable line.
+_MAX_LISTED = 12
+
+
+class ConversionError(ValueError):
+    """Parameters do not match the key table; lists every missing, unexpected and misshapen key."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), mismatched=(), problems=()):
+        self.missing, self.unexpected = list(missing), list(unexpected)
+        self.mismatched, self.problems = list(mismatched), list(problems)
+        parts = list(self.problems)
+        if self.missing:
+            parts.append(f"missing {len(self.missing)} key(s): {_listing(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)} key(s): {_listing(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} shape mismatch(es): " + _listing(
+                [f"{k} expected {tuple(e)} got {tuple(g)}" for k, e, g in self.mismatched]))
+        super().__init__(f"{what}: " + "; ".join(parts))
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+class KeyEntry(NamedTuple):
+    flax_path: str
+    torch_key: str
+    shape: tuple[int, ...]  # the Flax shape
+    transform: str  # "none" or "transpose" (torch nn.Linear stores [out, in])
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transform == "transpose" else self.shape
+
+
+def _entry(flax_path: str, shape: tuple[int, ...], transform: str = "none") -> KeyEntry:
+    *parents, leaf = flax_path.split("/")
+    torch_key = ".".join(parents + [_LEAF_RENAME.get(leaf, leaf)])
+    return KeyEntry(flax_path, torch_key, tuple(shape), transform)
+
+
+def key_table(cfg: Mapping[str, Any]) -> list[KeyEntry]:
+    """Every parameter of the model `cfg` (a validated config) describes."""
+    d, h, dh, inner = cfg["n_embd"], cfg["n_head"], head_dim(cfg), inner_dim(cfg)
+    mt = cfg["model_type"]
+    rows = [("transformer/wte/embedding", (cfg["vocab_size"], d)),
+            ("transformer/wpe/embedding", (cfg["n_positions"], d))]
+    for i in range(cfg["n_layer"]):
+        p = f"transformer/h/{i}/"
+        rows += [(p + "ln_1/scale", (d,)), (p + "ln_1/bias", (d,)),
+                 (p + "attn/c_attn/kernel", (d, 3 * d)), (p + "attn/c_attn/bias", (3 * d,)),
+                 (p + "attn/c_proj/kernel", (d, d)), (p + "attn/c_proj/bias", (d,)),
+                 (p + "ln_2/scale", (d,)), (p + "ln_2/bias", (d,)),
+                 (p + "mlp/c_fc/kernel", (d, inner)), (p + "mlp/c_fc/bias", (inner,)),
+                 (p + "mlp/c_proj/kernel", (inner, d)), (p + "mlp/c_proj/bias", (d,))]
+        if mt == "dd-gpt2":
+            if cfg["apply_drift"]:
+                rows.append((p + "attn/drift_param", (h, dh)))
+                if cfg["baseline_each_head"]:
+                    rows.append((p + "attn/baseline", (h, dh)))
+            if cfg["apply_diffusion"]:
+                rows.append((p + "attn/diffusion_param", (h, dh)))
+        if mt == "rotating-head-gpt2":
+            if cfg["rotatinghead"] == "lr":  # GP frequencies are computed, not stored
+                rows.append((p + "attn/rope/frequencies", (h, dh // 2)))
+            if cfg["use_norm"]:
+                rows += [(p + "attn/rope/layer_norm/scale", (dh // 2,)),
+                         (p + "attn/rope/layer_norm/bias", (dh // 2,))]
+    rows += [("transformer/ln_f/scale", (d,)), ("transformer/ln_f/bias", (d,))]
+    table = [_entry(path, shape) for path, shape in rows]
+    if mt == "parallel-gpt2" and cfg["bottleneck_method"] == "concat":
+        table += [_entry("transformer/bottleneck/kernel", (2 * d, d), "transpose"),
+                  _entry("transformer/bottleneck/bias", (d,))]
+    return table
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x}; leaves are returned as given."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            for sub, leaf in flatten_params(value).items():
+                flat[f"{key}/{sub}"] = leaf
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = leaf
+    return params
+
+
+def _check(what: str, arrays: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
+           problems: Iterable[str] = ()) -> None:
+    missing = [k for k in expected if k not in arrays]
+    unexpected = sorted(k for k in arrays if k not in expected)
+    mismatched = [(k, expected[k], tuple(np.shape(arrays[k]))) for k in expected
+                  if k in arrays and tuple(np.shape(arrays[k])) != expected[k]]
+    problems = list(problems)
+    if missing or unexpected or mismatched or problems:
+        raise ConversionError(what, missing, unexpected, mismatched, problems)
+
+
+def check_flax_params(flat: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """Raise ConversionError unless the flat Flax params match the key table exactly."""
+    _check(f"Flax params do not match a {cfg['model_type']} model",
+           flat, {e.flax_path: e.shape for e in key_table(cfg)})
+
+
+def flax_to_torch_state(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax param tree -> torch state dict of numpy arrays (dtype kept; no lm_head.weight)."""
+    flat = flatten_params(params)
+    check_flax_params(flat, cfg)
+    state = {}
+    for e in key_table(cfg):
+        a = np.asarray(flat[e.flax_path])
+        state[e.torch_key] = np.ascontiguousarray(a.T) if e.transform == "transpose" else a
+    return state
+
+
+def torch_to_flax_params(state: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Torch state dict (numpy arrays) -> nested Flax param tree (dtype kept)."""
+    state = {k: np.asarray(v) for k, v in state.items()}
+    problems = []
+    if LM_HEAD_KEY in state:
+        head = state.pop(LM_HEAD_KEY)
+        if _WTE_KEY in state and not np.array_equal(head, state[_WTE_KEY]):
+            problems.append(f"{LM_HEAD_KEY} differs from {_WTE_KEY}; only a tied LM head is supported")
+    table = key_table(cfg)
+    _check(f"torch state dict does not match a {cfg['model_type']} model",
+           state, {e.torch_key: e.torch_shape for e in table}, problems)
+    flat = {}
+    for e in table:
+        a = state[e.torch_key]
+        flat[e.flax_path] = np.ascontiguousarray(a.T) if e.transform == "transpose" else a
+    return unflatten_params(flat)

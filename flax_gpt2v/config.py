@@ -43,7 +43,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
 
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {},
-    "dd-gpt2": dict(apply_drift=True, apply_diffusion=False, baseline_each_head=True),
+    "dd-gpt2": dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True),
     "parallel-gpt2": dict(bottleneck_method="mean"),
     # SPEC 4: the original trained duo with 512 positions and 512-token blocks.
     "duo-predict-gpt2": dict(n_positions=512, duo_loss="dual", mask_token_id=None),

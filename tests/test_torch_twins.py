@@ -1,0 +1,181 @@
+"""Torch twins: reproduce the original classes' tensors, and behave as transformers 5.x models."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from flax_gpt2v.torch_twins import TWINS, CoreGPT2LMHeadModel, bundle_source
+
+FIXTURES = Path(__file__).parent / "fixtures" / "original"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+# Chosen once. fp32: reference comparisons. bf16 (8 significant bits, ~0.4% per rounding) compounds to a
+# few percent over a whole forward pass, also in transformers' own GPT2LMHeadModel, so bf16 logits are
+# compared with fp32 relative to the logits' scale: max |bf16 - fp32| <= 5% of max |fp32|.
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+BF16_SCALE_TOL = 0.05
+
+# Small random configs covering each variant's switches.
+SMALL = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=None)
+VARIANTS = {
+    "dd-both": ("dd-gpt2", dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True)),
+    "dd-drift-nobaseline": ("dd-gpt2", dict(apply_drift=True, apply_diffusion=False, baseline_each_head=False)),
+    "parallel-concat": ("parallel-gpt2", dict(n_layer=4, bottleneck_method="concat")),
+    "parallel-mean": ("parallel-gpt2", dict(n_layer=4, bottleneck_method="mean")),
+    "duo-predict": ("duo-predict-gpt2", {}),
+    "rotating-lr-norm": ("rotating-head-gpt2", dict(rotatinghead="lr", use_norm=True)),
+    "rotating-gp": ("rotating-head-gpt2", dict(rotatinghead="gp")),
+}
+
+
+def fixture_model(case):
+    """The twin for a fixture case, its weights loaded strictly (only the tied lm_head may be missing)."""
+    config = json.loads((FIXTURES / case / "config.json").read_text())
+    state = load_file(FIXTURES / case / "model.safetensors")
+    if config["model_type"] == "gpt2":
+        config_class, model_class = GPT2Config, CoreGPT2LMHeadModel
+    else:
+        config_class, model_class = TWINS[config["model_type"]][:2]
+    if config["model_type"] == "rotating-head-gpt2":
+        # The original configs carry no use_norm: the later (normed) version is told apart by its weights.
+        config["use_norm"] = any(".rope.layer_norm." in key for key in state)
+    model = model_class(config_class(**config))
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["lm_head.weight"]
+    assert result.unexpected_keys == []
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model.eval()
+
+
+def random_model(variant, seed=1):
+    model_type, extra = VARIANTS[variant]
+    config_class, model_class, _ = TWINS[model_type]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**SMALL, **extra}))
+    # GPT-2 init makes a tiny random model emit one token forever; larger weights make the
+    # generated sequences varied enough for cache/no-cache comparisons to mean something.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return model.eval()
+
+
+def tensor(case, name):
+    return torch.from_numpy(np.load(FIXTURES / case / name))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fixture_logits_and_loss(case):
+    model = fixture_model(case)
+    input_ids = tensor(case, "input_ids.npy")
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids)
+    torch.testing.assert_close(out.logits, tensor(case, "logits.npy"), **FP32_TOL)
+    if (FIXTURES / case / "loss.npy").exists():
+        torch.testing.assert_close(out.loss, tensor(case, "loss.npy"), **FP32_TOL)
+
+
+def test_duo_interleaved_fixture():
+    model = fixture_model("duo-predict")
+    input_ids = tensor("duo-predict", "interleaved_input_ids.npy")
+    assert input_ids.shape[1] > model.config.n_positions  # the original's rule selects the interleaved layout
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    torch.testing.assert_close(logits, tensor("duo-predict", "interleaved_logits.npy"), **FP32_TOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_with_cache_matches_without(variant):
+    model = random_model(variant)
+    prompt = torch.randint(1, SMALL["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(1))
+    args = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    cached = model.generate(prompt, use_cache=True, **args)
+    uncached = model.generate(prompt, use_cache=False, **args)
+    assert cached.shape == (3, 27)
+    assert len(set(cached[:, 7:].flatten().tolist())) > 3, "degenerate generation proves nothing"
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_generation_matches_unpadded(variant):
+    model = random_model(variant)
+    prompt = torch.randint(1, SMALL["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(2))
+    args = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    plain = model.generate(prompt, **args)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    assert torch.equal(model.generate(padded, attention_mask=mask, **args)[:, 3:], plain)
+
+
+def test_dd_diffusion_noise_only_in_training():
+    model = random_model("dd-both")
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+        # Dropout off so that only the diffusion noise can make training passes differ.
+        model.config.attn_pdrop = model.config.embd_pdrop = model.config.resid_pdrop = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.train()
+        assert not torch.equal(model(input_ids).logits, model(input_ids).logits)
+        model.eval()
+        assert torch.equal(model(input_ids).logits, model(input_ids).logits)
+
+
+def test_parallel_requires_even_layers():
+    config_class = TWINS["parallel-gpt2"][0]
+    with pytest.raises(ValueError, match="Number of hidden layers must be even"):
+        config_class(**{**SMALL, "n_layer": 3})
+
+
+@pytest.mark.parametrize(
+    "model_type, key", [("parallel-gpt2", "bottleneck_method"), ("rotating-head-gpt2", "rotatinghead")]
+)
+def test_unknown_option_raises(model_type, key):
+    with pytest.raises(ValueError, match=key):
+        TWINS[model_type][0](**{**SMALL, "n_layer": 4, key: "nope"})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_forward_close_to_fp32(variant):
+    model = random_model(variant)
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        logits = model.to(torch.bfloat16)(input_ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() <= BF16_SCALE_TOL * reference.abs().max()
+
+
+@pytest.mark.parametrize("model_type", TWINS)
+def test_bundle_imports_only_torch_and_transformers(model_type):
+    source = bundle_source(model_type)
+    imported = set(re.findall(r"^(?:from|import) (\S+)", source, re.MULTILINE))
+    assert {name.split(".")[0] for name in imported} == {"torch", "transformers"}
+    config_class, model_class, _ = TWINS[model_type]
+    assert f"class {config_class.__name__}(" in source and f"class {model_class.__name__}(" in source
+
+
+@pytest.mark.parametrize("variant", ["dd-both", "parallel-concat", "duo-predict", "rotating-lr-norm"])
+def test_remote_code_roundtrip(variant, tmp_path):
+    model = random_model(variant)
+    config_class, model_class, filename = TWINS[model.config.model_type]
+    module = filename.removesuffix(".py")
+    model.config.auto_map = {
+        "AutoConfig": f"{module}.{config_class.__name__}",
+        "AutoModel": f"{module}.{model_class.__name__}",
+        "AutoModelForCausalLM": f"{module}.{model_class.__name__}",
+    }
+    model.save_pretrained(tmp_path)
+    (tmp_path / filename).write_text(bundle_source(model.config.model_type))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(loaded).__name__ == model_class.__name__ and type(loaded) is not model_class
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, **FP32_TOL)

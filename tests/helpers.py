@@ -1,0 +1,52 @@
+"""Shared test helpers: small configs for every variant and option, perturbed random models."""
+import os
+
+import jax
+import numpy as np
+
+import flax_gpt2v as fg
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "original")
+FIXTURE_CASES = sorted(os.listdir(FIXTURES))
+# Chosen once for every fp32 comparison of logits across implementations.
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+
+SMALL = dict(vocab_size=96, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=None)
+# Every variant and option (SPEC 2-5).
+VARIANTS = {
+    "gpt2": dict(model_type="gpt2"),
+    "dd-drift": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=False),
+    "dd-drift-nobaseline": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=False,
+                                baseline_each_head=False),
+    "dd-diffusion": dict(model_type="dd-gpt2", apply_drift=False, apply_diffusion=True),
+    "dd-both": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=True),
+    "parallel-mean": dict(model_type="parallel-gpt2", n_layer=4, bottleneck_method="mean"),
+    "parallel-add": dict(model_type="parallel-gpt2", n_layer=4, bottleneck_method="add"),
+    "parallel-concat": dict(model_type="parallel-gpt2", n_layer=4, bottleneck_method="concat"),
+    "duo-predict": dict(model_type="duo-predict-gpt2", n_positions=48),
+    "rotating-lr": dict(model_type="rotating-head-gpt2", rotatinghead="lr"),
+    "rotating-lr-norm": dict(model_type="rotating-head-gpt2", rotatinghead="lr", use_norm=True),
+    "rotating-gp": dict(model_type="rotating-head-gpt2", rotatinghead="gp"),
+    "rotating-gp-norm": dict(model_type="rotating-head-gpt2", rotatinghead="gp", use_norm=True),
+    "rotating-gp-seed-scales": dict(model_type="rotating-head-gpt2", rotatinghead="gp", gp_scales="seed",
+                                    base_frequency=500.0),
+}
+
+
+def small_config(variant, **overrides):
+    return {**SMALL, **VARIANTS[variant], **overrides}
+
+
+def perturbed_lm(variant, seed=0, scale=0.3, **overrides):
+    """A small random model whose every parameter matters (GPT-2 init makes a tiny model emit
+    one token forever, which would let wrong caches and masks pass unnoticed)."""
+    lm = fg.init(small_config(variant, **overrides), seed=seed)
+    leaves, treedef = jax.tree.flatten(lm.params)
+    rng = np.random.default_rng(seed)
+    lm.params = jax.tree.unflatten(treedef, [np.asarray(x) + scale * rng.standard_normal(x.shape).astype(np.float32)
+                                             for x in leaves])
+    return lm
+
+
+def random_ids(shape, vocab=SMALL["vocab_size"], seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)

@@ -1,0 +1,112 @@
+"""Unit and property tests of the pure math in flax_gpt2v.ops."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flax_gpt2v import ops
+
+
+def test_gelu_new_is_tanh_gelu():
+    x = jnp.linspace(-6, 6, 101)
+    np.testing.assert_allclose(ops.gelu_new(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
+
+
+@given(st.integers(1, 40), st.integers(0, 30))
+@settings(max_examples=30, deadline=None)
+def test_causal_mask_with_offset(t, offset):
+    q = jnp.arange(t) + offset
+    mask = np.asarray(ops.causal_mask(q, jnp.arange(t + offset)))
+    for i in range(t):
+        assert mask[i].tolist() == [k <= i + offset for k in range(t + offset)]
+
+
+@given(st.integers(1, 40))
+@settings(max_examples=40, deadline=None)
+def test_duo_mask_follows_spec(n_real):
+    length = 2 * n_real - 1
+    mask = np.asarray(ops.duo_mask(length))
+    for q in range(length):
+        m = q // 2
+        if q % 2 == 0:
+            allowed = {2 * n for n in range(m + 1)}
+        else:
+            allowed = {2 * n for n in range(m)} | {q} | ({2 * (m + 1)} if 2 * (m + 1) < length else set())
+        assert set(np.flatnonzero(mask[q]).tolist()) == allowed, q
+    # Real tokens never see masks; a mask never sees the token it stands after.
+    assert not mask[0::2, 1::2].any()
+    assert not any(mask[2 * m + 1, 2 * m] for m in range(n_real - 1))
+
+
+def test_duo_positions():
+    assert ops.duo_positions(7).tolist() == [0, 0, 1, 1, 2, 2, 3]
+
+
+def test_interleave_and_duo_targets():
+    x = jnp.array([[10, 11, 12, 13]])
+    assert ops.interleave(x, 99).tolist() == [[10, 99, 11, 99, 12, 99, 13]]
+    I = ops.IGNORE
+    # dual: index 2m -> x_{m+1}; index 2m+1 -> x_m.
+    assert ops.duo_targets(x, "dual").tolist() == [[11, 10, 12, 11, 13, 12, I]]
+    # original: index 2m -> x_m; index 2m+1 -> x_{m+2}.
+    assert ops.duo_targets(x, "original").tolist() == [[10, 12, 11, 13, 12, I, I]]
+    with pytest.raises(ValueError, match="duo loss"):
+        ops.duo_targets(x, "other")
+
+
+def test_original_duo_loss_is_hf_shift_of_collator_labels():
+    """The 'original' targets are the original collator's labels shifted once more, as HF's loss does."""
+    x = np.random.default_rng(0).integers(0, 50, (3, 9))
+    collator = np.asarray(ops.duo_targets(x, "dual"))
+    shifted = np.concatenate([collator[:, 1:], np.full((3, 1), ops.IGNORE)], axis=1)
+    np.testing.assert_array_equal(np.asarray(ops.duo_targets(x, "original")), shifted)
+
+
+def test_next_token_targets():
+    assert ops.next_token_targets(jnp.array([[1, 2, 3]])).tolist() == [[2, 3, ops.IGNORE]]
+
+
+def test_cross_entropy_sums():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 5))
+    targets[1, 3:] = ops.IGNORE
+    nll, count, correct = ops.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = targets != ops.IGNORE
+    expected = -sum(logp[b, t, targets[b, t]] for b, t in zip(*np.nonzero(valid)))
+    assert int(count) == valid.sum()
+    np.testing.assert_allclose(float(nll), expected, rtol=1e-6)
+    assert int(correct) == (logits.argmax(-1) == targets)[valid].sum()
+
+
+def test_gp_frequencies():
+    f = np.asarray(ops.gp_frequencies(4, 16, 10000.0, "code"))
+    base = 10000.0 ** (-np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(f, (10.0 ** (-np.arange(4) / 3))[:, None] * base, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ops.gp_frequencies(4, 16, 10000.0, "seed")),
+                               np.exp(np.linspace(0, 1, 4))[:, None] * base, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ops.gp_frequencies(1, 16, 10000.0)), base[None], rtol=1e-6)
+
+
+def test_rotate_interleaved_formula_and_relative_property():
+    rng = np.random.default_rng(0)
+    h, dh = 3, 8
+    f = jnp.asarray(rng.standard_normal((h, dh // 2)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 1, h, dh)), jnp.float32)
+    t = 5
+    out = np.asarray(ops.rotate_interleaved(x, jnp.array([t]), f))[0, 0]
+    xv, fv = np.asarray(x)[0, 0], np.asarray(f)
+    ang = t * fv
+    np.testing.assert_allclose(out[:, 0::2], xv[:, 0::2] * np.cos(ang) - xv[:, 1::2] * np.sin(ang), atol=1e-5)
+    np.testing.assert_allclose(out[:, 1::2], xv[:, 0::2] * np.sin(ang) + xv[:, 1::2] * np.cos(ang), atol=1e-5)
+    # A rotation: norms kept, and q.k depends only on the position difference.
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(xv, axis=-1), rtol=1e-5)
+    q = jnp.asarray(rng.standard_normal((1, 1, h, dh)), jnp.float32)
+
+    def score(tq, tk):
+        return np.einsum("hd,hd->h", np.asarray(ops.rotate_interleaved(q, jnp.array([tq]), f))[0, 0],
+                         np.asarray(ops.rotate_interleaved(x, jnp.array([tk]), f))[0, 0])
+    np.testing.assert_allclose(score(7, 3), score(14, 10), atol=1e-4)

@@ -15,7 +15,7 @@ def test_gelu_new_is_tanh_gelu():
 
 
 @given(st.integers(1, 40), st.integers(0, 30))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 def test_causal_mask_with_offset(t, offset):
     q = jnp.arange(t) + offset
     mask = np.asarray(ops.causal_mask(q, jnp.arange(t + offset)))
@@ -24,7 +24,7 @@ def test_causal_mask_with_offset(t, offset):
 
 
 @given(st.integers(1, 40))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 def test_duo_mask_follows_spec(n_real):
     length = 2 * n_real - 1
     mask = np.asarray(ops.duo_mask(length))

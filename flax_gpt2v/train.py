@@ -1,0 +1,614 @@
+"""The trainer: the original's recipe (SPEC 6) as one jitted step over a device mesh.
+
+`train(config)` reads an experiment file (the original's keys), prepares the
+data, and trains with AdamW + warmup/decay, gradient clipping, accumulation,
+periodic evaluation with early stopping, asynchronous Orbax checkpoints and
+automatic resumption from `<output_dir>/checkpoints`. The global step is the
+whole training position: batches (BatchSchedule) and dropout keys are pure
+functions of it, so a resumed run repeats an uninterrupted one exactly.
+
+Layout of `<output_dir>`: checkpoints/ (Orbax, the last `save_total_limit`),
+best/ (native checkpoint with the lowest eval loss), metrics.jsonl, tb/
+(TensorBoard), run_config.json, and at the end the final native checkpoint
+(config.json + flax_params.safetensors + tokenizer files) and hf/ (HF export).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import checkpoint, ops, sharding
+from .config import TRAINING_KEYS, ConfigError, read_json, split_config
+from .models import build_model
+from .schedule import SCHEDULES, adamw, lr_schedule
+
+# Trainer options and their defaults: the original's recipe (SPEC 6) on HF Trainer defaults.
+DEFAULTS: dict[str, Any] = dict(
+    run_name=None, output_dir="runs/default",
+    per_device_train_batch_size=64, per_device_eval_batch_size=None, gradient_accumulation_steps=1,
+    learning_rate=1e-4, num_train_epochs=5.0, max_steps=-1, warmup_ratio=0.1, warmup_steps=0,
+    weight_decay=0.01, lr_scheduler_type="linear", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+    max_grad_norm=1.0, bf16=True, gradient_checkpointing=True, block_size=None,
+    logging_steps=500, eval_steps=500, save_steps=500, save_total_limit=None,
+    early_stopping_patience=2, early_stopping_threshold=0.0, seed=42, data_seed=None,
+    mesh={"data": -1, "fsdp": 1, "tensor": 1}, distributed=None, export_hf=True, report_to=["tensorboard"],
+)
+ALIASES = {"batch_size": "per_device_train_batch_size", "max_seq_length": "block_size"}
+# Read by the data pipeline (prepare_data gets the whole training config).
+DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "model_name_or_path", "model_name",
+             "max_train_samples", "max_eval_samples", "validation_split_percentage", "cache_dir",
+             "preprocessing_num_workers", "streaming"}
+# Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
+IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
+CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The validated trainer options; one field per DEFAULTS key."""
+    run_name: str | None
+    output_dir: str
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int | None
+    gradient_accumulation_steps: int
+    learning_rate: float
+    num_train_epochs: float
+    max_steps: int
+    warmup_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    lr_scheduler_type: str
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    max_grad_norm: float
+    bf16: bool
+    gradient_checkpointing: bool
+    block_size: int | None
+    logging_steps: int
+    eval_steps: int
+    save_steps: int
+    save_total_limit: int | None
+    early_stopping_patience: int | None
+    early_stopping_threshold: float
+    seed: int
+    data_seed: int | None
+    mesh: dict
+    distributed: dict | None
+    export_hf: bool
+    report_to: list
+
+
+# ---------------------------------------------------------------- configuration
+
+def parse_cli(argv: list[str]) -> tuple[str, dict]:
+    """`--config PATH --key value --a.b value ...` -> (config path, {dotted key: value}).
+
+    Values are JSON when they parse as JSON (numbers, true, null, lists), else strings.
+    """
+    config, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config = value
+            continue
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if config is None:
+        raise ConfigError("--config PATH is required")
+    return config, overrides
+
+
+def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    raw = json.loads(json.dumps(raw))  # deep copy: nested dicts get edited
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for p in parents:
+            if not isinstance(node.setdefault(p, {}), dict):
+                raise ConfigError(f"config key '{dotted}': '{p}' is not a nested object")
+            node = node[p]
+        node[leaf] = value
+    return raw
+
+
+def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Options:
+    """Typed trainer options with defaults filled in; the message of any error names the key."""
+    values = dict(DEFAULTS)
+    for alias, key in ALIASES.items():
+        if alias in train:
+            if key in train and train[key] != train[alias]:
+                raise ConfigError(f"config key '{alias}': conflicts with '{key}'")
+            values[key] = train[alias]
+    values.update({k: v for k, v in train.items() if k in DEFAULTS})
+    if isinstance(values["report_to"], str):
+        values["report_to"] = [values["report_to"]]
+    for key, default in DEFAULTS.items():
+        v = values[key]
+        if v is None or default is None:
+            continue
+        ok = (isinstance(v, bool) if isinstance(default, bool) else
+              isinstance(v, int) and not isinstance(v, bool) if isinstance(default, int) else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(default, float) else
+              isinstance(v, type(default)))
+        if not ok:
+            raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {v!r}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps",
+                "save_steps", "per_device_eval_batch_size", "save_total_limit", "block_size"):
+        if values[key] is not None and (not isinstance(values[key], int) or values[key] <= 0):
+            raise ConfigError(f"config key '{key}': must be a positive integer, got {values[key]!r}")
+    if values["data_seed"] is not None and (isinstance(values["data_seed"], bool) or not isinstance(values["data_seed"], int)):
+        raise ConfigError(f"config key 'data_seed': expected int, got {values['data_seed']!r}")
+    if values["lr_scheduler_type"] not in SCHEDULES:
+        raise ConfigError(f"config key 'lr_scheduler_type': must be one of {', '.join(SCHEDULES)}, "
+                          f"got {values['lr_scheduler_type']!r}")
+    if not 0.0 <= values["warmup_ratio"] <= 1.0:
+        raise ConfigError(f"config key 'warmup_ratio': must be in [0, 1], got {values['warmup_ratio']}")
+    if values["max_steps"] <= 0 and values["num_train_epochs"] <= 0:
+        raise ConfigError("config key 'num_train_epochs': must be > 0 when max_steps is not set")
+    if values["block_size"] is None:
+        # The original's blocks: 1024 tokens, 512 for duo-predict, never beyond the positions.
+        values["block_size"] = min(512 if model_cfg["model_type"] == "duo-predict-gpt2" else 1024,
+                                   model_cfg["n_positions"])
+    if values["distributed"] is not None and not isinstance(values["distributed"], dict):
+        raise ConfigError("config key 'distributed': must be an object "
+                          "{coordinator_address, num_processes, process_id}")
+    return Options(**values)
+
+
+def load_run_config(config: Mapping[str, Any] | str | os.PathLike,
+                    overrides: Mapping[str, Any] | None = None) -> tuple[dict, dict, Options, dict]:
+    """(model-key dict as written, validated model config, options, raw training keys)."""
+    raw = dict(config) if isinstance(config, Mapping) else read_json(config)
+    raw = apply_overrides(raw, overrides or {})
+    model_cfg, train = split_config(raw)
+    model_raw = {k: v for k, v in raw.items() if k not in TRAINING_KEYS}
+    return model_raw, model_cfg, resolve_options(train, model_cfg), train
+
+
+def fit_to_tokenizer(model_raw: dict, train: dict, tokenizer) -> dict:
+    """The model config completed from the tokenizer (vocab, mask and eos ids the file leaves out)."""
+    raw = dict(model_raw)
+    raw.setdefault("vocab_size", tokenizer.vocab_size)
+    if raw["vocab_size"] < tokenizer.vocab_size:
+        raise ConfigError(f"config key 'vocab_size': {raw['vocab_size']} is smaller than the tokenizer's "
+                          f"vocabulary of {tokenizer.vocab_size}")
+    if tokenizer.eos_token_id is not None:
+        raw.setdefault("eos_token_id", tokenizer.eos_token_id)
+        raw.setdefault("bos_token_id", tokenizer.eos_token_id)
+    if raw.get("model_type") == "duo-predict-gpt2" and tokenizer.mask_token_id is not None:
+        raw.setdefault("mask_token_id", tokenizer.mask_token_id)
+    return split_config({**raw, **train})[0]
+
+
+# ---------------------------------------------------------------- the jitted steps
+
+def split_micro(x, accum: int):
+    """[G, ...] -> [accum, G/accum, ...] taking every accum-th row, so that each device's
+    contiguous slice of the batch holds rows of every micro-batch (no data movement)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(module, tx, schedule, mesh, param_shardings, *, accum: int, seed: int, interleaved: bool):
+    """(state, batch) -> (state, metrics). The loss is the token mean over the whole global batch,
+    computed from sums so it is exact under accumulation and any sharding."""
+    micro_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+    def loss_sums(params, batch, key):
+        k_dropout, k_diffusion = jax.random.split(key)
+        logits = module.apply({"params": params}, batch["input_ids"], interleaved=interleaved,
+                              deterministic=False, rngs={"dropout": k_dropout, "diffusion": k_diffusion})
+        nll, count, correct = ops.cross_entropy(logits, batch["targets"])
+        return nll, (count, correct)
+
+    grad_sums = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+        # Separate stream from the init key; per step (and micro-batch) so a resume replays it.
+        key = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(seed))[1], state["step"])
+        micro = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: split_micro(x, accum), batch),
+                                                 micro_sharding)
+
+        def accumulate(carry, xs):
+            grads, nll, count, correct = carry
+            i, mb = xs
+            (n, (c, k)), g = grad_sums(params, mb, jax.random.fold_in(key, i))
+            grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, g), param_shardings)
+            return (grads, nll + n, count + c, correct + k), None
+
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_shardings)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        (grads, nll, count, correct), _ = jax.lax.scan(accumulate, init, (jnp.arange(accum), micro))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": nll / denom, "accuracy": correct / denom, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state["step"]), "tokens": count}
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(module, tx, schedule, mesh, state_shardings, **kw):
+    """make_train_step compiled for the mesh; the old state's buffers are donated to the new one."""
+    return jax.jit(make_train_step(module, tx, schedule, mesh, state_shardings["params"], **kw),
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(module, *, interleaved: bool):
+    """(params, batch) -> {group: (nll sum, token count, correct count)}; duo-predict adds its
+    next-token (even indices) and fill-in (odd indices) groups."""
+    def step(params, batch):
+        logits = module.apply({"params": params}, batch["input_ids"], interleaved=interleaved)
+        t = batch["targets"]
+        out = {"": ops.cross_entropy(logits, t)}
+        if interleaved:
+            out["next_"] = ops.cross_entropy(logits[:, 0::2], t[:, 0::2])
+            out["fill_"] = ops.cross_entropy(logits[:, 1::2], t[:, 1::2])
+        return out
+    return step
+
+
+def eval_metrics(sums: Mapping[str, np.ndarray]) -> dict:
+    out = {}
+    for group, (nll, count, correct) in sums.items():
+        loss = float(nll / max(count, 1))
+        out[f"eval_{group}loss"] = loss
+        out[f"eval_{group}perplexity"] = math.exp(min(loss, 700.0))
+        out[f"eval_{group}accuracy"] = float(correct / max(count, 1))
+    return out
+
+
+# ---------------------------------------------------------------- state
+
+def init_state(module, tx, mesh, seed: int):
+    """(state, state shardings): fp32 parameters initialised like `flax_gpt2v.init(cfg, seed)`,
+    created directly in their shards."""
+    dummy = jnp.zeros((1, 1), jnp.int32)
+
+    def create(key):
+        params = module.init(key, dummy)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
+    shardings = sharding.tree_shardings(shapes, mesh)
+    state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return state, shardings
+
+
+def abstract_state(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def host_params(params):
+    """The full parameters as numpy on every host (a collective when several hosts share them)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
+def global_batch(local: Mapping[str, np.ndarray], batch_sharding) -> dict:
+    """This host's rows -> arrays over the whole mesh."""
+    n = jax.process_count()
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v),
+                                                      (v.shape[0] * n, *v.shape[1:]))
+            for k, v in local.items()}
+
+
+# ---------------------------------------------------------------- logging
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard, wandb); written by process 0 only."""
+
+    def __init__(self, opts: Options, restored_step: int, run_config: dict, log: Callable[[str], None]):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(opts.output_dir, "metrics.jsonl")
+        self.tb = self.wandb = None
+        if not self.active:
+            return
+        if os.path.exists(self.path):
+            # Lines past the restored step were written by the lost part of an interrupted run.
+            with open(self.path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= restored_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        report = set(opts.report_to)
+        if report & {"tensorboard", "all"}:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(opts.output_dir, "tb"))
+            except ImportError:
+                log("TensorBoard: tensorboardX is not installed, no scalars written")
+        if report & {"wandb", "all"}:
+            try:
+                import wandb
+                self.wandb = wandb.init(name=opts.run_name, config=run_config, dir=opts.output_dir)
+            except ImportError:
+                log("wandb: not installed, not reporting")
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                if self.tb:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            if self.tb:
+                self.tb.close()
+            if self.wandb:
+                self.wandb.finish()
+
+
+def flops_per_token(cfg: Mapping[str, Any], num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls forward and backward, plus attention
+    scores and values (12 L T d; PaLM's appendix B)."""
+    return 6.0 * num_params + 12.0 * cfg["n_layer"] * seq_len * cfg["n_embd"]
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+# ---------------------------------------------------------------- the run
+
+def init_distributed(opts: Options) -> None:
+    """Join a multi-host run when the config or the JAX_COORDINATOR_ADDRESS environment asks."""
+    dist = dict(opts.distributed or {})
+    env = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+           "process_id": "JAX_PROCESS_ID"}
+    for key, var in env.items():
+        if key not in dist and var in os.environ:
+            dist[key] = os.environ[var] if key == "coordinator_address" else int(os.environ[var])
+    if not dist:
+        return
+    unknown = set(dist) - set(env)
+    if unknown:
+        raise ConfigError(f"config key 'distributed.{sorted(unknown)[0]}': unknown; expected {', '.join(env)}")
+    jax.distributed.initialize(**dist)
+
+
+def _check_output_dir(opts: Options, model_cfg: dict) -> bool:
+    """True when output_dir holds a run to resume. Refuses a directory whose model it would replace."""
+    out = opts.output_dir
+    resuming = os.path.isdir(os.path.join(out, CHECKPOINTS)) and bool(os.listdir(os.path.join(out, CHECKPOINTS)))
+    saved = os.path.join(out, "run_config.json")
+    if resuming and os.path.exists(saved):
+        with open(saved) as f:
+            before = json.load(f)["model"]
+        changed = sorted(k for k in set(before) | set(model_cfg) if before.get(k) != model_cfg.get(k))
+        if changed:
+            raise ConfigError(f"config key '{changed[0]}': differs from the run in {out} being resumed "
+                              f"({before.get(changed[0])!r} there); use another output_dir")
+    elif checkpoint.is_native(out) and not os.path.exists(saved):
+        raise ConfigError(f"config key 'output_dir': {out} holds a model that is not from a training run; "
+                          "refusing to overwrite it")
+    return resuming
+
+
+def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
+          prepared=None, log: Callable[[str], None] | None = None) -> dict:
+    """Train (or resume) the run a config describes; returns the summary (steps, metrics, tokens/s, MFU).
+
+    `prepared` (a PreparedData) skips `data.prepare_data`, e.g. for in-memory corpora.
+    """
+    from tqdm import tqdm
+
+    from . import data
+
+    model_raw, model_cfg, opts, train_keys = load_run_config(config, overrides)
+    init_distributed(opts)
+    is_main = jax.process_index() == 0
+    log = log or (lambda msg: tqdm.write(msg) if is_main else None)
+    ignored = sorted(k for k in train_keys if k in IGNORED_KEYS)
+    if ignored:
+        log(f"ignored (PyTorch/HF Trainer only) config keys: {', '.join(ignored)}")
+
+    mesh = sharding.make_mesh(opts.mesh)
+    shards = sharding.batch_size_multiple(mesh)
+    micro_batch = opts.per_device_train_batch_size * shards
+    batch_size = micro_batch * opts.gradient_accumulation_steps
+    eval_batch_size = (opts.per_device_eval_batch_size or opts.per_device_train_batch_size) * shards
+    for name, size in (("per_device_train_batch_size", batch_size), ("per_device_eval_batch_size", eval_batch_size)):
+        if size % jax.process_count():
+            raise ConfigError(f"config key '{name}': global batch {size} is not divisible by "
+                              f"{jax.process_count()} hosts")
+
+    if prepared is None:
+        cache_dir = train_keys.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "flax_gpt2v")
+        prepared = data.prepare_data({**train_keys, "block_size": opts.block_size, "model_type": model_cfg["model_type"]},
+                                     cache_dir, log=log)
+    model_cfg = fit_to_tokenizer(model_raw, train_keys, prepared.tokenizer)
+    resuming = _check_output_dir(opts, model_cfg)
+    os.makedirs(opts.output_dir, exist_ok=True)
+    run_config = {"model": model_cfg, "train": dataclasses.asdict(opts)}
+    if is_main:
+        prepared.tokenizer.save(opts.output_dir)
+        with open(os.path.join(opts.output_dir, "run_config.json"), "w") as f:
+            json.dump(run_config, f, indent=2, sort_keys=True)
+
+    tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None
+    num_blocks = len(prepared.train)
+    if num_blocks < batch_size:
+        raise ConfigError(f"config key 'per_device_train_batch_size': a step needs {batch_size} blocks, "
+                          f"the training set has {num_blocks}")
+    batches = data.BatchSchedule(num_blocks, batch_size, opts.seed if opts.data_seed is None else opts.data_seed,
+                                 jax.process_index(), jax.process_count())
+    total = opts.max_steps if opts.max_steps > 0 else math.ceil(opts.num_train_epochs * batches.steps_per_epoch)
+    warmup = opts.warmup_steps if opts.warmup_steps > 0 else math.ceil(opts.warmup_ratio * total)
+    schedule = lr_schedule(opts.lr_scheduler_type, opts.learning_rate, warmup, total)
+    tx = adamw(schedule, opts.weight_decay, opts.adam_beta1, opts.adam_beta2, opts.adam_epsilon, opts.max_grad_norm)
+
+    interleaved = model_cfg["model_type"] == "duo-predict-gpt2"
+    module = build_model(model_cfg, dtype=jnp.bfloat16 if opts.bf16 else jnp.float32,
+                         remat=opts.gradient_checkpointing)
+    state, state_shardings = init_state(build_model(model_cfg), tx, mesh, opts.seed)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jit_train_step(module, tx, schedule, mesh, state_shardings, accum=opts.gradient_accumulation_steps,
+                                seed=opts.seed, interleaved=interleaved)
+    eval_step = jax.jit(make_eval_step(module, interleaved=interleaved),
+                        in_shardings=(state_shardings["params"], batch_sharding),
+                        out_shardings=sharding.replicated(mesh))
+
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(opts.output_dir, CHECKPOINTS)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=opts.save_total_limit, enable_async_checkpointing=True))
+    # Early-stopping state travels with the checkpoint, so a resume continues the same count.
+    meta = {"best_eval_loss": None, "bad_evals": 0, "stopped": False}
+    start = 0
+    if resuming and manager.latest_step() is not None:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state(state, state_shardings)), meta=ocp.args.JsonRestore()))
+        state, meta = restored["state"], restored["meta"]
+        start = int(jax.device_get(state["step"]))
+        log(f"resumed from {opts.output_dir}/{CHECKPOINTS} at step {start}")
+
+    metrics_log = MetricsLog(opts, start, run_config, log)
+    log(f"{model_cfg['model_type']}: {num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+        f"{len(jax.devices())} devices; {total} steps of {batch_size} x {opts.block_size} tokens, "
+        f"{batches.steps_per_epoch} steps/epoch, warmup {warmup}")
+
+    def evaluate(params, step):
+        if prepared.validation is None or len(prepared.validation) == 0:
+            return {}
+        sums = {}
+        for local in data.eval_batches(prepared.validation, eval_batch_size, model_cfg,
+                                       jax.process_index(), jax.process_count()):
+            out = jax.device_get(eval_step(params, global_batch(local, batch_sharding)))
+            for group, values in out.items():
+                sums[group] = sums.get(group, 0) + np.asarray(values, np.float64)
+        record = {"step": step, **eval_metrics(sums)}
+        metrics_log.write(record)
+        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        return record
+
+    def save(step):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(dict(meta))))
+
+    bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=opts.run_name)
+    timed_tokens, timed_seconds, t_mark, tokens_since, paused = 0, 0.0, None, 0, 0.0
+    seq_len = last_eval = None
+    for step in range(start, total):
+        if meta["stopped"]:
+            break
+        batch = global_batch(data.make_batch(prepared.train, batches.indices(step), model_cfg), batch_sharding)
+        seq_len = batch["input_ids"].shape[1]
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        bar.update(1)
+        tokens_since += batch["input_ids"].size
+        if done % opts.logging_steps == 0 or done == total:
+            m = jax.device_get(metrics)
+            now = time.perf_counter()
+            # The first interval holds compilation; throughput counts the ones after it.
+            tps = None
+            if t_mark is not None:
+                seconds = now - t_mark - paused
+                timed_tokens, timed_seconds, tps = timed_tokens + tokens_since, timed_seconds + seconds, tokens_since / seconds
+            t_mark, tokens_since, paused = now, 0, 0.0
+            metrics_log.write({"step": done, "epoch": round(done / batches.steps_per_epoch, 4),
+                               "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                               "grad_norm": float(m["grad_norm"]), "learning_rate": float(m["learning_rate"])})
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:.0f}" if tps else "-")
+        if done % opts.eval_steps == 0 or done == total:
+            eval_start = time.perf_counter()
+            last_eval = evaluate(state["params"], done)
+            loss = last_eval.get("eval_loss")
+            if loss is not None:
+                best = meta["best_eval_loss"]
+                if best is None or (loss < best and best - loss > opts.early_stopping_threshold):
+                    meta.update(best_eval_loss=loss, bad_evals=0)
+                    params = host_params(state["params"])
+                    if is_main:
+                        checkpoint.save_native(os.path.join(opts.output_dir, "best"), model_cfg, params,
+                                               tokenizer_dir=tokenizer_dir, overwrite=True)
+                else:
+                    meta["bad_evals"] += 1
+                    if opts.early_stopping_patience and meta["bad_evals"] >= opts.early_stopping_patience:
+                        meta["stopped"] = True
+                        log(f"early stopping at step {done}: eval loss has not improved on "
+                            f"{meta['best_eval_loss']:.4f} for {meta['bad_evals']} evaluations")
+            paused += time.perf_counter() - eval_start  # evaluation is not training throughput
+        if done % opts.save_steps == 0 or done == total or meta["stopped"]:
+            save(done)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    metrics_log.close()
+
+    final_step = int(jax.device_get(state["step"]))
+    params = host_params(state["params"])
+    if is_main:
+        save_final(opts, model_cfg, params, log)
+    summary = {"step": final_step, "num_params": num_params,
+               "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None, "mfu": None}
+    if last_eval:
+        summary.update(last_eval)
+    peak = peak_flops(jax.devices()[0])
+    if summary["tokens_per_s"] and peak and seq_len:
+        summary["mfu"] = summary["tokens_per_s"] * flops_per_token(model_cfg, num_params, seq_len) / (
+            peak * len(jax.devices()))
+    tps = f"{summary['tokens_per_s']:.0f} tokens/s" if summary["tokens_per_s"] else "tokens/s n/a (too few steps)"
+    mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
+    log(f"done: step {final_step}, {tps}{mfu}; model in {opts.output_dir}")
+    return summary
+
+
+def save_final(opts: Options, model_cfg: dict, params, log) -> None:
+    """Native checkpoint in output_dir itself (beside checkpoints/, best/, ...), then the HF export."""
+    out = opts.output_dir
+    # save_native replaces a whole directory, so it writes a staging one whose files move in.
+    staging = os.path.join(out, f".final-{uuid.uuid4().hex[:8]}")
+    checkpoint.save_native(staging, model_cfg, params)
+    for name in os.listdir(staging):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    shutil.rmtree(staging)
+    if opts.export_hf:
+        try:
+            checkpoint.save_hf_dir(os.path.join(out, "hf"), model_cfg, params, force=True,
+                                   tokenizer_dir=out if checkpoint.has_tokenizer(out) else None)
+        except ImportError as e:  # torch is optional for training
+            log(f"HF export skipped: {e}")

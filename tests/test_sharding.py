@@ -1,0 +1,134 @@
+"""Mesh layouts give the single-device result; checkpoints move between device counts.
+
+Several devices are simulated on CPU, which must be decided before jax starts,
+hence the subprocesses with XLA_FLAGS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import flax_gpt2v as fg
+from flax_gpt2v import sharding
+from flax_gpt2v import train as tr
+from flax_gpt2v.config import ConfigError
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_train as tt  # noqa: E402  (the corpus and the tiny configs)
+
+ROOT = tt.ROOT
+
+
+def run_on_devices(n: int, script: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, **kw)
+
+
+def test_rules():
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
+    d = 64
+    assert sharding.spec_for("transformer/h/0/attn/c_attn/kernel", (d, 3 * d), mesh) == P("fsdp", "tensor")
+    assert sharding.spec_for("transformer/h/0/attn/c_proj/kernel", (d, d), mesh) == P("tensor", "fsdp")
+    assert sharding.spec_for("transformer/h/3/mlp/c_fc/kernel", (d, 4 * d), mesh) == P("fsdp", "tensor")
+    assert sharding.spec_for("transformer/h/3/mlp/c_proj/kernel", (4 * d, d), mesh) == P("tensor", "fsdp")
+    assert sharding.spec_for("transformer/wte/embedding", (50257, d), mesh) == P(None, "fsdp")  # odd V
+    assert sharding.spec_for("transformer/wte/embedding", (256, d), mesh) == P("tensor", "fsdp")
+    assert sharding.spec_for("transformer/h/0/attn/c_attn/bias", (3 * d,), mesh) == P()
+    assert sharding.spec_for("transformer/ln_f/scale", (d,), mesh) == P()
+
+
+def test_optimizer_state_follows_its_parameter():
+    lm = fg.init({**tt.TINY, "vocab_size": 256})
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    opt_state = tr.adamw(lambda s: 1e-3, 0.01).init(lm.params)
+    paths = {sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+    assert "transformer/h/0/mlp/c_fc/kernel" in paths  # mu and nu, wrappers dropped
+    assert jax.tree.structure(sharding.tree_shardings(opt_state, mesh)) == jax.tree.structure(opt_state)
+
+
+def test_mesh_config_errors():
+    with pytest.raises(ConfigError, match="mesh.model"):
+        sharding.make_mesh({"model": 2})
+    with pytest.raises(ConfigError, match="'mesh'"):
+        sharding.make_mesh({"fsdp": 3})
+    with pytest.raises(ConfigError, match="'mesh'"):
+        sharding.make_mesh({"fsdp": -1, "tensor": -1})
+    assert dict(sharding.make_mesh({"fsdp": -1}).shape) == {"data": 1, "fsdp": len(jax.devices()), "tensor": 1}
+
+
+LAYOUTS_SCRIPT = """
+import sys, json
+sys.path.insert(0, "tests")
+import jax, jax.numpy as jnp, numpy as np
+import test_train as tt
+import flax_gpt2v as fg
+from flax_gpt2v import data, sharding, train as tr
+from flax_gpt2v.schedule import lr_schedule
+assert len(jax.devices()) == 8
+report = {}
+for model_type in ("gpt2", "parallel-gpt2", "duo-predict-gpt2"):
+    cfg = fg.load_config({**tt.TINY, **tt.VARIANTS[model_type], "model_type": model_type, "vocab_size": 256,
+                          "resid_pdrop": 0.1, "attn_pdrop": 0.1})
+    module = fg.build_model(cfg)
+    blocks = tt.corpus().train
+    batch = {k: jnp.asarray(v) for k, v in data.make_batch(blocks, np.arange(16), cfg).items()}
+    sched = lr_schedule("constant", 1e-3, 0, 10)
+    def one_step(mesh):
+        tx = tr.adamw(sched, 0.01)
+        state, shardings = tr.init_state(module, tx, mesh, 0)
+        step = tr.jit_train_step(module, tx, sched, mesh, shardings, accum=1, seed=0,
+                                 interleaved=model_type == "duo-predict-gpt2")
+        new, m = step(state, batch)
+        specs = {"/".join(str(k.key) for k in p): str(x.sharding.spec)
+                 for p, x in jax.tree_util.tree_flatten_with_path(new["params"])[0]}
+        return float(m["loss"]), jax.device_get(new["params"]), specs
+    ref_loss, ref_params, _ = one_step(sharding.make_mesh({}, jax.devices()[:1]))
+    # Every layout for the baseline; the variants' own weights on the mixed one.
+    layouts = [{"data": 8}, {"fsdp": 8}, {"tensor": 4, "data": 2}] if model_type == "gpt2" else []
+    for layout in layouts + [{"data": 2, "fsdp": 2, "tensor": 2}]:
+        loss, params, specs = one_step(sharding.make_mesh(layout))
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+        report[f"{model_type} {layout}"] = {"dloss": abs(loss - ref_loss), "dparams": diff,
+            "c_fc": specs["transformer/h/0/mlp/c_fc/kernel"], "wte": specs["transformer/wte/embedding"]}
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_layouts_match_one_device():
+    r = run_on_devices(8, LAYOUTS_SCRIPT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.split("REPORT")[1])
+    for name, res in report.items():
+        assert res["dloss"] < 1e-5 and res["dparams"] < 1e-5, (name, res)
+    assert report["gpt2 {'fsdp': 8}"]["c_fc"] == str(P("fsdp", "tensor"))
+    assert report["gpt2 {'tensor': 4, 'data': 2}"]["wte"] == str(P("tensor", "fsdp"))
+
+
+def test_checkpoint_from_8_devices_resumes_on_1(tmp_path):
+    # Killed on an fsdp=8 mesh after the step-8 checkpoint, resumed here on one device.
+    extra = dict(max_steps=12, save_steps=4, eval_steps=4, logging_steps=1, mesh={"fsdp": 8},
+                 per_device_train_batch_size=2)
+    out, ref = tmp_path / "moved", tmp_path / "ref"
+    script = tt.KILLED_RUN.format(tests=os.path.dirname(__file__), kill_at=10, model_type="gpt2", out=str(out),
+                                  extra=extra)
+    r = run_on_devices(8, script, timeout=300)
+    assert r.returncode == -9, r.stderr[-3000:]
+    # One device with the same global batch of 16 rows.
+    same = {**extra, "mesh": {"data": 1}, "per_device_train_batch_size": 16}
+    tr.train(tt.tiny_config("gpt2", out, **same), prepared=tt.corpus(), log=lambda m: None)
+    tr.train(tt.tiny_config("gpt2", ref, **same), prepared=tt.corpus(), log=lambda m: None)
+    a, b = tt.read_metrics(ref), tt.read_metrics(out)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x, y)
+    for x, y in zip(jax.tree.leaves(fg.load(ref).params), jax.tree.leaves(fg.load(out).params)):
+        np.testing.assert_allclose(x, y, atol=2e-5)

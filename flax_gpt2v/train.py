@@ -461,7 +461,9 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     model_cfg = fit_to_tokenizer(model_raw, train_keys, prepared.tokenizer)
     resuming = _check_output_dir(opts, model_cfg)
     os.makedirs(opts.output_dir, exist_ok=True)
-    run_config = {"model": model_cfg, "train": dataclasses.asdict(opts)}
+    # The data keys too, so that eval_jax.py measures a run on the data it was trained for.
+    run_config = {"model": model_cfg, "train": dataclasses.asdict(opts),
+                  "data": {k: v for k, v in train_keys.items() if k in DATA_KEYS}}
     if is_main:
         prepared.tokenizer.save(opts.output_dir)
         with open(os.path.join(opts.output_dir, "run_config.json"), "w") as f:

@@ -1,0 +1,137 @@
+"""eval_jax.py: perplexity equal to transformers' on a converted model, --compare, --output, duo, errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import flax_gpt2v as fg
+from flax_gpt2v import checkpoint
+from flax_gpt2v.tokenizer import load_tokenizer
+
+from helpers import perturbed_lm, small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval_jax  # noqa: E402
+
+TEXT = "".join(f"Line {i}: the quick brown fox {'jumps over' if i % 3 else 'naps by'} the lazy dog {i * 7}.\n"
+               for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tok = load_tokenizer(None, TEXT.splitlines(keepends=True), str(root / "cache"), 300, log=lambda m: None)
+    tok_dir = root / "tok"
+    tok.save(str(tok_dir))
+    text_file = root / "val.txt"
+    text_file.write_text(TEXT)
+
+    def make(variant, name):
+        extra = dict(mask_token_id=tok.mask_token_id) if variant == "duo-predict" else {}
+        lm = perturbed_lm(variant, seed=1, scale=0.1, vocab_size=tok.vocab_size, n_positions=64, **extra)
+        lm.tokenizer_dir = str(tok_dir)
+        lm.save(str(root / name))
+        return str(root / name)
+
+    native = make("rotating-gp", "native")
+    hf = str(root / "hf")
+    checkpoint.export_hf(native, hf)
+    duo = make("duo-predict", "duo")
+    return dict(root=root, tok=tok, text=str(text_file), native=native, hf=hf, duo=duo)
+
+
+def run(*argv):
+    assert eval_jax.main(list(argv)) == 0
+
+
+def test_perplexity_matches_transformers(setup, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "eval.json"
+    run("--hf", setup["hf"], "--validation_file", setup["text"], "--block_size", "32", "--batch_size", "4",
+        "--cache_dir", str(tmp_path / "cache"), "--output", str(out), "--no_progress")
+    res = json.loads(out.read_text())
+    assert {"loss", "perplexity", "accuracy", "tokens"} <= set(res)
+
+    # Independently: the same text, tokenized line by line (as run_clm does), cut into blocks of 32.
+    tok = AutoTokenizer.from_pretrained(setup["hf"])
+    ids = [i for line in TEXT.splitlines(keepends=True) for i in tok(line, add_special_tokens=False).input_ids]
+    blocks = torch.tensor(np.asarray(ids[:len(ids) // 32 * 32]).reshape(-1, 32))
+    model = AutoModelForCausalLM.from_pretrained(setup["hf"], trust_remote_code=True).eval()
+    with torch.no_grad():
+        loss = model(input_ids=blocks, labels=blocks).loss.item()  # mean over every block's 31 targets
+    assert res["tokens"] == blocks.shape[0] * 31
+    assert res["perplexity"] == pytest.approx(math.exp(loss), rel=1e-3)
+    assert 0.0 <= res["accuracy"] <= 1.0
+
+    # The native checkpoint gives the same numbers.
+    out2 = tmp_path / "eval2.json"
+    run("--checkpoint", setup["native"], "--validation_file", setup["text"], "--block_size", "32",
+        "--cache_dir", str(tmp_path / "cache"), "--output", str(out2), "--no_progress")
+    assert json.loads(out2.read_text())["perplexity"] == pytest.approx(res["perplexity"], rel=1e-5)
+
+
+def test_duo_fill_in_metrics(setup, tmp_path):
+    out = tmp_path / "duo.json"
+    run("--checkpoint", setup["duo"], "--validation_file", setup["text"], "--block_size", "16",
+        "--duo_loss", "original", "--cache_dir", str(tmp_path / "cache"), "--output", str(out), "--no_progress")
+    res = json.loads(out.read_text())
+    for prefix in ("", "fill_", "dual_", "original_"):
+        for key in ("loss", "perplexity", "accuracy", "tokens"):
+            assert f"{prefix}{key}" in res, f"{prefix}{key}"
+    assert res["tokens"] == res["fill_tokens"] and res["dual_tokens"] == 2 * res["tokens"]
+    assert res["dual_loss"] == pytest.approx((res["loss"] + res["fill_loss"]) / 2, rel=1e-5)
+
+
+def _write_run(d, name, losses, tps=None):
+    os.makedirs(d)
+    with open(os.path.join(d, "run_config.json"), "w") as f:
+        json.dump({"model": small_config("gpt2"), "train": {"run_name": name}}, f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for i, loss in enumerate(losses, 1):
+            f.write(json.dumps({"step": 10 * i, "loss": loss + 0.1, **({"tokens_per_s": tps} if tps else {})}) + "\n")
+            f.write(json.dumps({"step": 10 * i, "eval_loss": loss, "eval_perplexity": math.exp(loss),
+                                "eval_accuracy": 0.1 * i}) + "\n")
+
+
+def test_compare(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _write_run(a, "run-a", [5.0, 4.0, 4.5], tps=1234.0)
+    _write_run(b, "run-b", [6.0, 5.5])
+    md, plots = tmp_path / "cmp.md", tmp_path / "plots"
+    run("--compare", a, b, "--output", str(md), "--plot_dir", str(plots))
+    table = md.read_text()
+    assert "| run-a |" in table and "| run-b |" in table
+    assert "4.0000 (20)" in table and "4.5000" in table and "1234" in table
+    params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(fg.init(small_config("gpt2")).params))
+    assert f"{params / 1e6:.2f}M" in table
+    for name in ("eval_perplexity.png", "eval_accuracy.png"):
+        with open(plots / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/no/such/dir"], "no such directory"),
+    (["--compare", "/"], "no metrics.jsonl"),
+])
+def test_errors(argv, message, capsys):
+    assert eval_jax.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_errors_cli(setup):
+    # A real process: a directory that is not a checkpoint, and a block longer than the model's positions.
+    for argv, message in ((["--checkpoint", setup["hf"]], "not a flax-gpt2v checkpoint"),
+                          (["--checkpoint", setup["native"], "--validation_file", setup["text"],
+                            "--block_size", "65"], "sequence too long")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "eval_jax.py"), *argv], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert p.returncode == 2
+        assert p.stderr.strip().splitlines()[-1].startswith("error: ") and message in p.stderr

@@ -181,7 +181,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     `cache_dir` (memory-mapped). The config's own `cache_dir` is where Hugging Face
     keeps downloads, as in the original."""
     spec = DataSpec.from_config(train_cfg)
-    corpus = _Corpus(spec)
+    corpus = Corpus(spec)
 
     def train_texts():  # a generator, so the corpus is read only if a BPE must be trained
         for batch in corpus.batches(spec.train_split):
@@ -198,14 +198,14 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     arrays, cache_hit = {}, True
     for split in ("train", "validation"):
         base = os.path.join(directory, split)
-        blocks, problem = _open_blocks(base, key, spec.block_size)
+        blocks, problem = open_blocks(base, key, spec.block_size)
         if blocks is None:
             if problem != "missing":
                 log(f"[data] cache {base}.bin is unusable ({problem}); rebuilding it")
             name = spec.train_split if split == "train" else spec.validation_split
-            _build_blocks(base, key, corpus, name, tokenizer, spec.block_size, log)
+            build_blocks(base, key, corpus, name, tokenizer, spec.block_size, log)
             cache_hit = False
-            blocks, problem = _open_blocks(base, key, spec.block_size)
+            blocks, problem = open_blocks(base, key, spec.block_size)
             if blocks is None:
                 raise DataError(f"cache {base}.bin was just written but cannot be read back: {problem}")
         arrays[split] = blocks
@@ -223,7 +223,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     return PreparedData(tokenizer, train, validation, spec.describe(), cache_hit, directory, spec)
 
 
-class _Corpus:
+class Corpus:
     """The source's texts, loaded on first use."""
 
     def __init__(self, spec: DataSpec):
@@ -356,7 +356,7 @@ def _load_tfds(spec: DataSpec) -> dict:
     return {spec.train_split: reader(spec.train_split), spec.validation_split: reader(spec.validation_split)}
 
 
-def _build_blocks(base: str, key: str, corpus: _Corpus, split: str, tokenizer: Tokenizer,
+def build_blocks(base: str, key: str, corpus: Corpus, split: str, tokenizer: Tokenizer,
                   block_size: int, log) -> None:
     """Tokenize `split`, concatenate, drop the remainder, write base.bin + base.json.
 
@@ -387,7 +387,7 @@ def _build_blocks(base: str, key: str, corpus: _Corpus, split: str, tokenizer: T
         f"({n_tokens - n_blocks * block_size} dropped) -> {base}.bin")
 
 
-def _open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None, str | None]:
+def open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None, str | None]:
     """(memory-mapped blocks, None), or (None, why the cache cannot be used)."""
     if not os.path.exists(base + ".json"):
         return None, "missing"

@@ -106,7 +106,7 @@ def validation_blocks(cfg: dict, tokenizer: Tokenizer | None, cache_dir: str,
         spec = data.DataSpec.from_config(cfg)
     except data.DataError as e:
         raise EvalError(str(e)) from None
-    corpus = data._Corpus(spec)
+    corpus = data.Corpus(spec)
     if tokenizer is None:
         def train_texts():
             for batch in corpus.batches(spec.train_split):
@@ -119,10 +119,10 @@ def validation_blocks(cfg: dict, tokenizer: Tokenizer | None, cache_dir: str,
     directory = os.path.join(cache_dir, "eval", key)
     os.makedirs(directory, exist_ok=True)
     base = os.path.join(directory, "validation")
-    blocks, problem = data._open_blocks(base, key, spec.block_size)
+    blocks, problem = data.open_blocks(base, key, spec.block_size)
     if blocks is None:
-        data._build_blocks(base, key, corpus, spec.validation_split, tokenizer, spec.block_size, log)
-        blocks, problem = data._open_blocks(base, key, spec.block_size)
+        data.build_blocks(base, key, corpus, spec.validation_split, tokenizer, spec.block_size, log)
+        blocks, problem = data.open_blocks(base, key, spec.block_size)
         if blocks is None:
             raise EvalError(f"cache {base}.bin cannot be read back: {problem}")
     if spec.max_eval_samples:

@@ -1,0 +1,96 @@
+"""Two training processes on one machine (CPU devices, jax.distributed) match one process on as many devices."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import flax_gpt2v as fg
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+from test_train import read_metrics  # noqa: E402
+
+# Each process trains tiny_config (test_train) on corpus(); the coordinator comes from JAX_* variables.
+WORKER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import test_train as t
+from flax_gpt2v import train as tr
+summary = tr.train(t.tiny_config("gpt2", {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
+print("SUMMARY " + json.dumps(summary))
+"""
+EXTRA = dict(max_steps=4, per_device_train_batch_size=2, logging_steps=1, eval_steps=2, save_steps=2, warmup_steps=1)
+TIMEOUT = 80
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, devices: int, **env):
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                **env}
+    script = WORKER.format(tests=TESTS, out=str(out), extra=EXTRA)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(procs):
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("a training process hung:\n" + "\n".join((p.communicate()[0] or "")[-3000:] for p in procs))
+    return outputs
+
+
+def summary_of(output: str) -> dict:
+    line = next(line for line in output.splitlines() if line.startswith("SUMMARY "))
+    return json.loads(line[len("SUMMARY "):])
+
+
+def test_two_processes_match_one(tmp_path):
+    port = free_port()
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    procs = [launch(multi, 2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(i)) for i in range(2)]
+    procs.append(launch(single, 4))  # the same global batch on 4 devices of one process, alongside
+    outputs = finish(procs)
+    for p, output in zip(procs[:2], outputs):
+        if p.returncode and "multi-process" in output and "not supported" in output.lower():
+            pytest.skip(f"this jax build has no CPU multi-process support: {output.strip().splitlines()[-1]}")
+    for i, (p, output) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{output[-4000:]}"
+    assert "4 devices" in outputs[0] and "4 devices" in outputs[2]
+
+    # Both hosts report the same run; host 0 wrote the metrics, checkpoints and the final model.
+    s0, s1, ref = (summary_of(o) for o in outputs)
+    assert s0["step"] == s1["step"] == ref["step"] == EXTRA["max_steps"]
+    assert s0["eval_loss"] == pytest.approx(s1["eval_loss"], abs=1e-6)
+    assert s0["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    got, want = read_metrics(multi), read_metrics(single)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-5), (a["step"], k)
+    assert sorted(os.listdir(multi / "checkpoints")) == ["2", "4"]
+    lm, lm_ref = fg.load(multi), fg.load(single)
+    assert lm.config == lm_ref.config
+    for x, y in zip(jax.tree.leaves(lm.params), jax.tree.leaves(lm_ref.params)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(fg.load(multi / "best").params), jax.tree.leaves(fg.load(single / "best").params)):
+        np.testing.assert_allclose(x, y, atol=1e-5)

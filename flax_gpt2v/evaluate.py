@@ -22,7 +22,7 @@ from . import checkpoint, data
 from .config import ConfigError, read_json
 from .lm import LM, load
 from .tokenizer import Tokenizer, load_tokenizer
-from .train import eval_metrics, make_eval_step
+from .train import SUMMARY, eval_metrics, make_eval_step
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -250,9 +250,13 @@ def run_name(run_dir: str) -> str:
 def summarize_run(run_dir: str) -> dict:
     records = read_metrics(run_dir)
     evals = [r for r in records if "eval_loss" in r]
-    tps = [r[k] for r in records for k in ("tokens_per_s", "train_tokens_per_second", "tokens/s") if r.get(k)]
+    summary_file = os.path.join(run_dir, SUMMARY)
+    tps = None
+    if os.path.isfile(summary_file):
+        with open(summary_file) as f:
+            tps = json.load(f).get("tokens_per_s")
     row = {"run": run_name(run_dir), "dir": run_dir, "params": count_params(run_dir),
-           "steps": max((r["step"] for r in records), default=None), "tokens_per_s": tps[-1] if tps else None,
+           "steps": max((r["step"] for r in records), default=None), "tokens_per_s": tps,
            "evals": [(r["step"], r.get("eval_perplexity"), r.get("eval_accuracy")) for r in evals]}
     if evals:
         best = min(evals, key=lambda r: r["eval_loss"])

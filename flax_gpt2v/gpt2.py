@@ -2,8 +2,8 @@
 
 The parameter tree mirrors the HF state dict: `transformer/h/0/attn/c_attn/kernel`
 is `transformer.h.0.attn.c_attn.weight`. A variant subclasses exactly one thing:
-`Attention` (its `setup`, `rotate_qk` or `transform_heads`), or `GPT2LMHeadModel`
-(its `layout` or `run_blocks`). Nothing here knows about any variant.
+`Attention` (its `setup`, `rotate_qk` or `transform_heads`), `Transformer` (its
+`run_blocks`) or `GPT2LMHeadModel` (its `layout`). Nothing here knows about any variant.
 
 Options that are not variants are fields fixed at construction: `dtype` (compute
 dtype of activations and matmuls; parameters are always fp32) and `remat`.

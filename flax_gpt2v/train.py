@@ -54,6 +54,7 @@ DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "mode
 IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
 CHECKPOINTS = "checkpoints"
+SUMMARY = "summary.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -596,6 +597,10 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     tps = f"{summary['tokens_per_s']:.0f} tokens/s" if summary["tokens_per_s"] else "tokens/s n/a (too few steps)"
     mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
     log(f"done: step {final_step}, {tps}{mfu}; model in {opts.output_dir}")
+    if is_main:
+        # Timings stay out of metrics.jsonl (a resumed run must write the same lines); they live here.
+        with open(os.path.join(opts.output_dir, SUMMARY), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

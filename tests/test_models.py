@@ -9,6 +9,7 @@ import pytest
 
 import flax_gpt2v as fg
 from flax_gpt2v import ops
+from flax_gpt2v.keymap import flatten_params, unflatten_params
 from flax_gpt2v.models import build_model
 from helpers import FIXTURE_CASES, FIXTURES, FP32_TOL, VARIANTS, perturbed_lm, random_ids, small_config
 
@@ -138,10 +139,8 @@ def test_diffusion_noise_only_in_training_and_reproducible():
     assert not np.allclose(run(False, 0), run(True, 0))
     # Without diffusion, a training pass with dropout 0 is the eval pass.
     drift = build_model(fg.load_config({**cfg, "apply_diffusion": False}))
-    p = {"params": {k: v for k, v in params.items()}}
-    p["params"]["transformer"] = jax.tree.map(lambda x: x, params["transformer"])
-    for layer in p["params"]["transformer"]["h"].values():
-        layer["attn"].pop("diffusion_param")
+    flat = {k: v for k, v in flatten_params(params).items() if not k.endswith("diffusion_param")}
+    p = {"params": unflatten_params(flat)}
     np.testing.assert_allclose(drift.apply(p, ids, deterministic=False, rngs={"diffusion": jax.random.PRNGKey(0)}),
                                drift.apply(p, ids), **FP32_TOL)
 

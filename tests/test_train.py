@@ -190,6 +190,8 @@ def test_loss_falls_and_outputs_load(model_type, tmp_path):
     if model_type == "duo-predict-gpt2":
         assert {"eval_next_loss", "eval_fill_accuracy", "eval_fill_perplexity"} <= set(evals[-1])
     assert summary["step"] == 30 and summary["eval_loss"] == evals[-1]["eval_loss"]
+    with open(out / "summary.json") as f:
+        assert json.load(f) == summary
     lm = fg.load(out)
     assert lm.config["model_type"] == model_type and lm.config["vocab_size"] == 257
     assert fg.load(out / "best").config == lm.config

@@ -22,7 +22,8 @@ import safetensors.numpy
 from .config import HF_MUST_BE, load_config, read_json
 from .keymap import check_flax_params, flatten_params, flax_to_torch_state, torch_to_flax_params, unflatten_params
 
-NATIVE_FORMAT = 1
+# 2: the embedding holds config.padded_vocab rows (zero beyond vocab_size).
+NATIVE_FORMAT = 2
 CONFIG_FILE = "config.json"
 NATIVE_WEIGHTS = "flax_params.safetensors"
 HF_WEIGHTS = "model.safetensors"

@@ -90,7 +90,7 @@ TRAINING_KEYS = {
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
     "early_stopping_patience", "early_stopping_threshold", "push_to_hub", "hub_model_id",
     "overwrite_output_dir", "do_train", "do_eval", "train_file", "validation_file",
-    "mesh", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
+    "mesh", "remat_policy", "scan_layers", "attention_implementation", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
     "device_map", "torch_empty_cache_steps", "dataloader_num_workers", "logging_dir",
     "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",
     "preprocessing_num_workers", "max_eval_samples", "max_train_samples", "streaming",
@@ -221,3 +221,9 @@ def head_dim(cfg: Mapping[str, Any]) -> int:
 
 def inner_dim(cfg: Mapping[str, Any]) -> int:
     return cfg["n_inner"] or 4 * cfg["n_embd"]
+
+
+def padded_vocab(cfg: Mapping[str, Any]) -> int:
+    """Rows of the embedding inside the model: vocab_size rounded up to a multiple of 128,
+    so the LM head's matmul tiles evenly. Checkpoints and exports keep vocab_size rows."""
+    return -(-cfg["vocab_size"] // 128) * 128

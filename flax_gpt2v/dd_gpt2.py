@@ -14,6 +14,8 @@ from .gpt2 import Attention, GPT2LMHeadModel
 
 
 class DDAttention(Attention):
+    rng_streams = ("dropout", "diffusion")
+
     def setup(self):
         super().setup()
         cfg = self.cfg

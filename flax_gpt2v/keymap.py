@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from .config import head_dim, inner_dim
+from .config import head_dim, inner_dim, padded_vocab
 
 # Flax leaf name -> torch leaf name; every other path component is kept as is.
 _LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -48,25 +48,39 @@ class KeyEntry(NamedTuple):
     flax_path: str
     torch_key: str
     shape: tuple[int, ...]  # the Flax shape
-    transform: str  # "none" or "transpose" (torch nn.Linear stores [out, in])
+    # "none"; "transpose" (torch nn.Linear stores [out, in]); or "pad_rows": Flax holds
+    # zero rows beyond the torch rows (the embedding padded to config.padded_vocab).
+    transform: str
+    torch_shape: tuple[int, ...]
 
-    @property
-    def torch_shape(self) -> tuple[int, ...]:
-        return self.shape[::-1] if self.transform == "transpose" else self.shape
 
-
-def _entry(flax_path: str, shape: tuple[int, ...], transform: str = "none") -> KeyEntry:
+def _entry(flax_path: str, shape: tuple[int, ...], transform: str = "none", torch_shape=None) -> KeyEntry:
     *parents, leaf = flax_path.split("/")
     torch_key = ".".join(parents + [_LEAF_RENAME.get(leaf, leaf)])
-    return KeyEntry(flax_path, torch_key, tuple(shape), transform)
+    if torch_shape is None:
+        torch_shape = shape[::-1] if transform == "transpose" else shape
+    return KeyEntry(flax_path, torch_key, tuple(shape), transform, tuple(torch_shape))
+
+
+def _to_torch(e: KeyEntry, a):
+    if e.transform == "transpose":
+        return np.ascontiguousarray(a.T)
+    return a[:e.torch_shape[0]] if e.transform == "pad_rows" else a
+
+
+def _to_flax(e: KeyEntry, a):
+    if e.transform == "transpose":
+        return np.ascontiguousarray(a.T)
+    if e.transform == "pad_rows":
+        return np.concatenate([a, np.zeros((e.shape[0] - a.shape[0], *a.shape[1:]), a.dtype)])
+    return a
 
 
 def key_table(cfg: Mapping[str, Any]) -> list[KeyEntry]:
     """Every parameter of the model `cfg` (a validated config) describes."""
     d, h, dh, inner = cfg["n_embd"], cfg["n_head"], head_dim(cfg), inner_dim(cfg)
     mt = cfg["model_type"]
-    rows = [("transformer/wte/embedding", (cfg["vocab_size"], d)),
-            ("transformer/wpe/embedding", (cfg["n_positions"], d))]
+    rows = [("transformer/wpe/embedding", (cfg["n_positions"], d))]
     for i in range(cfg["n_layer"]):
         p = f"transformer/h/{i}/"
         rows += [(p + "ln_1/scale", (d,)), (p + "ln_1/bias", (d,)),
@@ -89,11 +103,17 @@ def key_table(cfg: Mapping[str, Any]) -> list[KeyEntry]:
                 rows += [(p + "attn/rope/layer_norm/scale", (dh // 2,)),
                          (p + "attn/rope/layer_norm/bias", (dh // 2,))]
     rows += [("transformer/ln_f/scale", (d,)), ("transformer/ln_f/bias", (d,))]
-    table = [_entry(path, shape) for path, shape in rows]
+    table = [_entry("transformer/wte/embedding", (padded_vocab(cfg), d), "pad_rows", (cfg["vocab_size"], d))]
+    table += [_entry(path, shape) for path, shape in rows]
     if mt == "parallel-gpt2" and cfg["bottleneck_method"] == "concat":
         table += [_entry("transformer/bottleneck/kernel", (2 * d, d), "transpose"),
                   _entry("transformer/bottleneck/bias", (d,))]
     return table
+
+
+def num_params(cfg: Mapping[str, Any]) -> int:
+    """The model's parameter count as exported (the embedding's padding rows not counted)."""
+    return sum(int(np.prod(e.torch_shape)) for e in key_table(cfg))
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,11 +160,14 @@ def flax_to_torch_state(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> di
     """Flax param tree -> torch state dict of numpy arrays (dtype kept; no lm_head.weight)."""
     flat = flatten_params(params)
     check_flax_params(flat, cfg)
-    state = {}
-    for e in key_table(cfg):
-        a = np.asarray(flat[e.flax_path])
-        state[e.torch_key] = np.ascontiguousarray(a.T) if e.transform == "transpose" else a
-    return state
+    table = key_table(cfg)
+    flat = {e.flax_path: np.asarray(flat[e.flax_path]) for e in table}
+    padded = [e.flax_path for e in table if e.transform == "pad_rows" and np.any(flat[e.flax_path][e.torch_shape[0]:])]
+    if padded:
+        # Those rows never reach an output, so non-zero values mean the params were not made here.
+        raise ConversionError("Flax params cannot be exported", problems=[
+            f"{p} has non-zero padding rows beyond {cfg['vocab_size']}" for p in padded])
+    return {e.torch_key: _to_torch(e, flat[e.flax_path]) for e in table}
 
 
 def torch_to_flax_params(state: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -158,8 +181,4 @@ def torch_to_flax_params(state: Mapping[str, Any], cfg: Mapping[str, Any]) -> di
     table = key_table(cfg)
     _check(f"torch state dict does not match a {cfg['model_type']} model",
            state, {e.torch_key: e.torch_shape for e in table}, problems)
-    flat = {}
-    for e in table:
-        a = state[e.torch_key]
-        flat[e.flax_path] = np.ascontiguousarray(a.T) if e.transform == "transpose" else a
-    return unflatten_params(flat)
+    return unflatten_params({e.flax_path: _to_flax(e, state[e.torch_key]) for e in table})

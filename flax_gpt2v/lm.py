@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, keymap
 from .config import load_config
 from .generate import make_decoder
 from .models import build_model
@@ -16,21 +16,23 @@ from .models import build_model
 class LM:
     """A model ready to use: `lm(ids)`, `lm.generate(ids)`, `lm.save(path)`.
 
-    `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay fp32.
+    `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay fp32. The other
+    keywords are `build_model`'s (remat, scan, attention). The embedding inside has
+    `padded_vocab` rows; checkpoints and exports hold exactly vocab_size.
     """
 
-    def __init__(self, config: dict, params, *, dtype=None, remat: bool = False, tokenizer_dir: str | None = None):
+    def __init__(self, config: dict, params, *, dtype=None, tokenizer_dir: str | None = None, **build):
         self.config = config
         self.params = params
         self.tokenizer_dir = tokenizer_dir
-        self.module = build_model(config, dtype=dtype, remat=remat)
+        self.module = build_model(config, dtype=dtype, **build)
         self._forward = jax.jit(lambda p, ids, interleaved: self.module.apply({"params": p}, ids, interleaved=interleaved),
                                 static_argnums=2)
         self._decoders = {}
 
     @property
     def num_params(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        return keymap.num_params(self.config)
 
     def _check_ids(self, input_ids, positions_needed: int):
         ids = np.asarray(input_ids)
@@ -74,16 +76,16 @@ class LM:
         checkpoint.save_native(path, self.config, self.params, tokenizer_dir=self.tokenizer_dir, overwrite=overwrite)
 
 
-def init(config, seed: int = 0, *, dtype=None, remat: bool = False) -> LM:
+def init(config, seed: int = 0, *, dtype=None, **build) -> LM:
     """A randomly initialised model (SPEC 1 init) from a config dict or JSON path."""
     cfg = load_config(config)
     module = build_model(cfg)
     dummy = jnp.zeros((1, 1), jnp.int32)
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
-    return LM(cfg, params, dtype=dtype, remat=remat)
+    return LM(cfg, params, dtype=dtype, **build)
 
 
-def load(path: str | os.PathLike, *, dtype=None, remat: bool = False) -> LM:
+def load(path: str | os.PathLike, *, dtype=None, **build) -> LM:
     """A native checkpoint directory, or an HF/torch directory (ours or the original's Hub format)."""
     path = os.fspath(path)
     if checkpoint.is_native(path):
@@ -94,4 +96,4 @@ def load(path: str | os.PathLike, *, dtype=None, remat: bool = False) -> LM:
         raise FileNotFoundError(f"{path}: neither a flax-gpt2v checkpoint (flax_params.safetensors + config.json) "
                                 "nor an HF directory (model.safetensors + config.json)")
     tokenizer_dir = path if checkpoint.has_tokenizer(path) else None
-    return LM(cfg, jax.tree.map(jnp.asarray, params), dtype=dtype, remat=remat, tokenizer_dir=tokenizer_dir)
+    return LM(cfg, jax.tree.map(jnp.asarray, params), dtype=dtype, tokenizer_dir=tokenizer_dir, **build)

@@ -93,6 +93,46 @@ def cross_entropy(logits, targets):
     return nll.sum(), valid.sum(), correct.sum()
 
 
+def tied_logits(hidden, embedding, vocab_size: int):
+    """fp32 logits [..., vocab_size] of the head tied to `embedding` [V_padded, d].
+
+    The matmul runs in the hidden states' dtype with fp32 accumulation and output, so
+    losses and sampling never see bf16-rounded logits.
+    """
+    logits = jnp.einsum("...d,vd->...v", hidden, embedding.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return logits[..., :vocab_size]
+
+
+def chunked_cross_entropy(hidden, embedding, targets, vocab_size: int, chunk_len: int):
+    """`cross_entropy(tied_logits(hidden, embedding, vocab_size), targets)` without ever
+    holding the fp32 logits [B, T, V] at once.
+
+    The sequence axis is cut into chunks of `chunk_len` positions (the batch axis stays
+    whole, so its sharding is untouched); a scan computes each chunk's logits, sums and
+    gradient, and recomputes the logits in the backward pass instead of storing them.
+    """
+    b, t, d = hidden.shape
+    n = -(-t // chunk_len)
+    pad = n * chunk_len - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
+    chunks = (hidden.reshape(b, n, chunk_len, d).swapaxes(0, 1), targets.reshape(b, n, chunk_len).swapaxes(0, 1))
+    embedding = embedding.astype(hidden.dtype)
+    real = jnp.arange(embedding.shape[0]) < vocab_size
+
+    @jax.checkpoint
+    def chunk_sums(h, t):
+        logits = jnp.einsum("btd,vd->btv", h, embedding, preferred_element_type=jnp.float32)
+        # Padding rows of the vocabulary are masked, not sliced off: slices of V break the tiling.
+        return cross_entropy(jnp.where(real, logits, jnp.finfo(jnp.float32).min), t)
+
+    def accumulate(total, chunk):
+        return jax.tree.map(jnp.add, total, chunk_sums(*chunk)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    return jax.lax.scan(accumulate, zeros, chunks)[0]
+
+
 def gp_frequencies(n_head: int, head_dim: int, base_frequency: float, scales: str = "code"):
     """Fixed GP rotary frequencies [H, Dh/2] (SPEC 5).
 

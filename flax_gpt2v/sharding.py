@@ -79,17 +79,26 @@ def path_str(path) -> str:
     return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, optimizer: bool = False) -> P:
+    """The PartitionSpec of a parameter, or with `optimizer` of its optimizer moments: those
+    split their `fsdp` axis over (data, fsdp), so pure data parallelism keeps one shard of
+    the Adam state per device (ZeRO-1) instead of a full copy."""
+    def axis(name, dim):
+        if name == "fsdp" and optimizer and mesh.shape["data"] > 1 and dim % batch_size_multiple(mesh) == 0:
+            return BATCH_AXES
+        return name if name and dim % mesh.shape[name] == 0 else None
+
     for pattern, axes in RULES:
         if re.search(pattern, path) and len(axes) == len(shape):
-            return P(*(a if a and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape)))
+            return P(*(axis(a, dim) for a, dim in zip(axes, shape)))
     return P()  # biases, LayerNorms, variant scalars: small, replicated
 
 
-def tree_shardings(tree, mesh: Mesh):
-    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) of parameters or optimizer state."""
+def tree_shardings(tree, mesh: Mesh, optimizer: bool = False):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) of parameters, or with
+    `optimizer` of optimizer state (see spec_for)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(path_str(path), tuple(x.shape), mesh)), tree)
+        lambda path, x: NamedSharding(mesh, spec_for(path_str(path), tuple(x.shape), mesh, optimizer)), tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

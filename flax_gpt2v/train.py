@@ -31,7 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import checkpoint, ops, sharding
 from .config import TRAINING_KEYS, ConfigError, read_json, split_config
-from .models import build_model
+from .keymap import num_params as count_params
+from .models import ATTENTION_IMPLEMENTATIONS, build_model
 from .schedule import SCHEDULES, adamw, lr_schedule
 
 # Trainer options and their defaults: the original's recipe (SPEC 6) on HF Trainer defaults.
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = dict(
     learning_rate=1e-4, num_train_epochs=5.0, max_steps=-1, warmup_ratio=0.1, warmup_steps=0,
     weight_decay=0.01, lr_scheduler_type="linear", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
     max_grad_norm=1.0, bf16=True, gradient_checkpointing=True, block_size=None,
+    remat_policy="dots", scan_layers=True, attention_implementation="auto",
     logging_steps=500, eval_steps=500, save_steps=500, save_total_limit=None,
     early_stopping_patience=2, early_stopping_threshold=0.0, seed=42, data_seed=None,
     mesh={"data": -1, "fsdp": 1, "tensor": 1}, distributed=None, export_hf=True, report_to=["tensorboard"],
@@ -53,6 +55,8 @@ DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "mode
 # Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
 IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
+# Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
+LOGIT_CHUNK_TOKENS = 8192
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 
@@ -79,6 +83,9 @@ class Options:
     bf16: bool
     gradient_checkpointing: bool
     block_size: int | None
+    remat_policy: str
+    scan_layers: bool
+    attention_implementation: str
     logging_steps: int
     eval_steps: int
     save_steps: int
@@ -166,6 +173,11 @@ def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> O
     if values["lr_scheduler_type"] not in SCHEDULES:
         raise ConfigError(f"config key 'lr_scheduler_type': must be one of {', '.join(SCHEDULES)}, "
                           f"got {values['lr_scheduler_type']!r}")
+    if values["remat_policy"] not in ("full", "dots"):
+        raise ConfigError(f"config key 'remat_policy': must be 'full' or 'dots', got {values['remat_policy']!r}")
+    if values["attention_implementation"] not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config key 'attention_implementation': must be one of "
+                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}, got {values['attention_implementation']!r}")
     if not 0.0 <= values["warmup_ratio"] <= 1.0:
         raise ConfigError(f"config key 'warmup_ratio': must be in [0, 1], got {values['warmup_ratio']}")
     if values["max_steps"] <= 0 and values["num_train_epochs"] <= 0:
@@ -213,16 +225,26 @@ def split_micro(x, accum: int):
     return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
 
 
+def lm_loss_sums(module, params, hidden, targets, batch_devices: int = 1):
+    """(nll sum, token count, correct count) of the tied head on hidden states [B, T, d],
+    in chunks of about LOGIT_CHUNK_TOKENS tokens per device."""
+    rows = max(1, hidden.shape[0] // batch_devices)
+    chunk_len = max(1, min(hidden.shape[1], LOGIT_CHUNK_TOKENS // rows))
+    return ops.chunked_cross_entropy(hidden, params["transformer"]["wte"]["embedding"], targets,
+                                     module.cfg["vocab_size"], chunk_len)
+
+
 def make_train_step(module, tx, schedule, mesh, param_shardings, *, accum: int, seed: int, interleaved: bool):
     """(state, batch) -> (state, metrics). The loss is the token mean over the whole global batch,
     computed from sums so it is exact under accumulation and any sharding."""
     micro_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+    batch_devices = sharding.batch_size_multiple(mesh)
 
     def loss_sums(params, batch, key):
         k_dropout, k_diffusion = jax.random.split(key)
-        logits = module.apply({"params": params}, batch["input_ids"], interleaved=interleaved,
-                              deterministic=False, rngs={"dropout": k_dropout, "diffusion": k_diffusion})
-        nll, count, correct = ops.cross_entropy(logits, batch["targets"])
+        hidden = module.apply({"params": params}, batch["input_ids"], interleaved=interleaved, deterministic=False,
+                              return_hidden=True, rngs={"dropout": k_dropout, "diffusion": k_diffusion})
+        nll, count, correct = lm_loss_sums(module, params, hidden, batch["targets"], batch_devices)
         return nll, (count, correct)
 
     grad_sums = jax.value_and_grad(loss_sums, has_aux=True)
@@ -263,16 +285,20 @@ def jit_train_step(module, tx, schedule, mesh, state_shardings, **kw):
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(module, *, interleaved: bool):
+def make_eval_step(module, *, interleaved: bool, batch_devices: int = 1):
     """(params, batch) -> {group: (nll sum, token count, correct count)}; duo-predict adds its
     next-token (even indices) and fill-in (odd indices) groups."""
     def step(params, batch):
-        logits = module.apply({"params": params}, batch["input_ids"], interleaved=interleaved)
+        hidden = module.apply({"params": params}, batch["input_ids"], interleaved=interleaved, return_hidden=True)
         t = batch["targets"]
-        out = {"": ops.cross_entropy(logits, t)}
+
+        def sums(h, t):
+            return lm_loss_sums(module, params, h, t, batch_devices)
+
+        out = {"": sums(hidden, t)}
         if interleaved:
-            out["next_"] = ops.cross_entropy(logits[:, 0::2], t[:, 0::2])
-            out["fill_"] = ops.cross_entropy(logits[:, 1::2], t[:, 1::2])
+            out["next_"] = sums(hidden[:, 0::2], t[:, 0::2])
+            out["fill_"] = sums(hidden[:, 1::2], t[:, 1::2])
         return out
     return step
 
@@ -299,7 +325,8 @@ def init_state(module, tx, mesh, seed: int):
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
-    shardings = sharding.tree_shardings(shapes, mesh)
+    shardings = {"step": sharding.replicated(mesh), "params": sharding.tree_shardings(shapes["params"], mesh),
+                 "opt_state": sharding.tree_shardings(shapes["opt_state"], mesh, optimizer=True)}
     state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
 
@@ -484,13 +511,15 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
 
     interleaved = model_cfg["model_type"] == "duo-predict-gpt2"
     module = build_model(model_cfg, dtype=jnp.bfloat16 if opts.bf16 else jnp.float32,
-                         remat=opts.gradient_checkpointing)
+                         remat=opts.remat_policy if opts.gradient_checkpointing else "none",
+                         scan=opts.scan_layers, attention=opts.attention_implementation)
     state, state_shardings = init_state(build_model(model_cfg), tx, mesh, opts.seed)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    num_params = count_params(model_cfg)
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jit_train_step(module, tx, schedule, mesh, state_shardings, accum=opts.gradient_accumulation_steps,
                                 seed=opts.seed, interleaved=interleaved)
-    eval_step = jax.jit(make_eval_step(module, interleaved=interleaved),
+    eval_step = jax.jit(make_eval_step(module, interleaved=interleaved,
+                                       batch_devices=sharding.batch_size_multiple(mesh)),
                         in_shardings=(state_shardings["params"], batch_sharding),
                         out_shardings=sharding.replicated(mesh))
 

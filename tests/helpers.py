@@ -45,6 +45,8 @@ def perturbed_lm(variant, seed=0, scale=0.3, **overrides):
     rng = np.random.default_rng(seed)
     lm.params = jax.tree.unflatten(treedef, [np.asarray(x) + scale * rng.standard_normal(x.shape).astype(np.float32)
                                              for x in leaves])
+    # The embedding's padding rows (config.padded_vocab) are zero in every real model.
+    lm.params["transformer"]["wte"]["embedding"][lm.config["vocab_size"]:] = 0
     return lm
 
 

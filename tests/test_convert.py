@@ -40,14 +40,16 @@ VARIANTS = {
 }
 
 
-def tiny_config(variant):
-    return load_config({**TINY, **VARIANTS[variant]})
+def tiny_config(variant, **overrides):
+    return load_config({**TINY, **VARIANTS[variant], **overrides})
 
 
 def random_params(cfg, seed=0):
+    """Random values for every key, the embedding's padding rows zero as in any real model."""
     rng = np.random.default_rng(seed)
-    return unflatten_params({e.flax_path: rng.standard_normal(e.shape).astype(np.float32)
-                             for e in key_table(cfg)})
+    flat = {e.flax_path: rng.standard_normal(e.shape).astype(np.float32) for e in key_table(cfg)}
+    flat["transformer/wte/embedding"][cfg["vocab_size"]:] = 0
+    return unflatten_params(flat)
 
 
 def assert_same_tree(a, b):
@@ -72,6 +74,18 @@ def test_round_trip_is_bit_exact(variant):
     assert "lm_head.weight" not in state
     assert sorted(state) == sorted(e.torch_key for e in key_table(cfg))
     assert_same_tree(params, torch_to_flax_params(state, cfg))
+
+
+def test_padded_embedding_is_trimmed_on_export_and_padded_on_import():
+    cfg = tiny_config("gpt2", vocab_size=100)
+    params = random_params(cfg)
+    state = flax_to_torch_state(params, cfg)
+    assert params["transformer"]["wte"]["embedding"].shape == (128, 16)
+    assert state["transformer.wte.weight"].shape == (100, 16)
+    assert_same_tree(params, torch_to_flax_params(state, cfg))
+    params["transformer"]["wte"]["embedding"][120, 3] = 1.0
+    with pytest.raises(ConversionError, match="non-zero padding rows beyond 100"):
+        flax_to_torch_state(params, cfg)
 
 
 def test_variant_keys():
@@ -161,7 +175,7 @@ def test_native_round_trip(tmp_path):
     files = save_native(tmp_path / "ck", cfg, params, tokenizer_dir=tmp_path / "tok")
     assert files == ["config.json", "flax_params.safetensors", "merges.txt", "vocab.json"]
     assert is_native(tmp_path / "ck") and not is_hf(tmp_path / "ck")
-    assert json.loads((tmp_path / "ck" / "config.json").read_text())["flax_gpt2v_format"] == 1
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["flax_gpt2v_format"] == 2
     cfg2, params2 = load_native(tmp_path / "ck")
     assert cfg2 == cfg
     assert_same_tree(params, params2)

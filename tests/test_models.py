@@ -155,25 +155,48 @@ def test_dropout_only_in_training(variant):
     assert not np.allclose(train[0], train[2])
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "parallel-concat", "dd-both", "rotating-lr-norm"])
-def test_remat_and_bf16(variant):
+@pytest.mark.parametrize("variant", ["gpt2", "parallel-concat", "dd-both", "rotating-lr-norm", "duo-predict"])
+def test_construction_options_keep_the_math(variant):
+    """remat policies, the unrolled layer loop and the explicit attention path give the
+    gradients of the plain scanned model; bf16 stays close."""
     lm = perturbed_lm(variant)
-    ids = jnp.asarray(random_ids((2, 7)))
+    interleaved = variant == "duo-predict"
+    ids = jnp.asarray(ops.interleave(random_ids((2, 7)), lm.config["mask_token_id"]) if interleaved
+                      else random_ids((2, 7)))
     cfg = lm.config
     targets = ops.next_token_targets(ids)
 
-    def loss(params, module):
-        nll, count, _ = ops.cross_entropy(module.apply({"params": params}, ids), targets)
+    def loss(params, module, **kw):
+        nll, count, _ = ops.cross_entropy(module.apply({"params": params}, ids, interleaved=interleaved, **kw), targets)
         return nll / count
-    plain, remat = build_model(cfg), build_model(cfg, remat=True)
-    np.testing.assert_allclose(jax.grad(loss)(lm.params, remat)["transformer"]["wte"]["embedding"],
-                               jax.grad(loss)(lm.params, plain)["transformer"]["wte"]["embedding"], **FP32_TOL)
-    ref = plain.apply({"params": lm.params}, ids)
-    bf16 = build_model(cfg, dtype=jnp.bfloat16).apply({"params": lm.params}, ids)
+
+    ref_grads = jax.grad(loss)(lm.params, build_model(cfg))
+    for module in (build_model(cfg, remat="full"), build_model(cfg, remat="dots"), build_model(cfg, scan=False)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **FP32_TOL),
+                     jax.grad(loss)(lm.params, module), ref_grads)
+    # A training pass with dropout 0 takes the explicit attention path (the one dropout needs).
+    no_dropout = fg.load_config({**cfg, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0})
+    explicit = build_model({**no_dropout, "attn_pdrop": 1e-30})
+    rngs = {"dropout": jax.random.PRNGKey(0), "diffusion": jax.random.PRNGKey(0)}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **FP32_TOL),
+                 jax.grad(loss)(lm.params, explicit, deterministic=False, rngs=rngs),
+                 jax.grad(loss)(lm.params, build_model(no_dropout), deterministic=False, rngs=rngs))
+    ref = build_model(cfg).apply({"params": lm.params}, ids, interleaved=interleaved)
+    bf16 = build_model(cfg, dtype=jnp.bfloat16).apply({"params": lm.params}, ids, interleaved=interleaved)
     assert bf16.dtype == jnp.float32
     # bf16 keeps 8 significant bits; over a forward pass the error is a few percent of the
     # logits' scale (also in transformers' own GPT-2), so compare against that scale.
     assert float(jnp.abs(bf16 - ref).max()) <= 0.05 * float(jnp.abs(ref).max())
+
+
+def test_padded_vocab_rows_are_zero_and_invisible():
+    cfg = small_config("gpt2", vocab_size=100)
+    lm = fg.init(cfg, seed=0)
+    emb = lm.params["transformer"]["wte"]["embedding"]
+    assert emb.shape[0] == fg.config.padded_vocab(lm.config) == 128
+    assert float(jnp.abs(emb[100:]).max()) == 0.0 and float(jnp.abs(emb[:100]).min()) > 0.0
+    assert lm(random_ids((1, 5), vocab=100)).shape == (1, 5, 100)
+    assert lm.num_params == sum(x.size for x in jax.tree.leaves(lm.params)) - 28 * cfg["n_embd"]
 
 
 def test_native_save_load_round_trip(tmp_path):

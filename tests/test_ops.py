@@ -82,6 +82,39 @@ def test_cross_entropy_sums():
     assert int(correct) == (logits.argmax(-1) == targets)[valid].sum()
 
 
+def test_tied_logits_trims_padding_and_accumulates_in_fp32():
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.bfloat16)
+    emb = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    logits = ops.tied_logits(h, emb, 13)
+    assert logits.shape == (2, 3, 13) and logits.dtype == jnp.float32
+    exact = h.astype(jnp.float32) @ emb.astype(jnp.bfloat16).astype(jnp.float32).T
+    np.testing.assert_allclose(logits, exact[..., :13], rtol=1e-6, atol=1e-5)
+
+
+@given(st.integers(1, 9), st.integers(1, 12))
+@settings(max_examples=12, deadline=None)
+def test_chunked_cross_entropy_is_cross_entropy(t, chunk_len):
+    """Any chunking (dividing T or not) gives the sums and gradients of the full logits; the
+    embedding's padding rows, even non-zero, never count."""
+    rng = np.random.default_rng(t * 13 + chunk_len)
+    h = jnp.asarray(rng.standard_normal((3, t, 8)), jnp.float32)
+    emb = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, t)), jnp.int32).at[0, 0].set(ops.IGNORE)
+
+    def full(h, emb):
+        return ops.cross_entropy(ops.tied_logits(h, emb, 11), targets)
+
+    def chunked(h, emb):
+        return ops.chunked_cross_entropy(h, emb, targets, 11, chunk_len)
+
+    for a, b in zip(chunked(h, emb), full(h, emb)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    grads = [jax.grad(lambda h, e: f(h, e)[0], argnums=(0, 1))(h, emb) for f in (chunked, full)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+    assert float(jnp.abs(grads[0][1][11:]).max()) == 0.0
+
+
 def test_gp_frequencies():
     f = np.asarray(ops.gp_frequencies(4, 16, 10000.0, "code"))
     base = 10000.0 ** (-np.arange(0, 16, 2) / 16)

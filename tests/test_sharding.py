@@ -54,6 +54,18 @@ def test_optimizer_state_follows_its_parameter():
     assert jax.tree.structure(sharding.tree_shardings(opt_state, mesh)) == jax.tree.structure(opt_state)
 
 
+def test_optimizer_state_is_split_over_data_replicas():
+    """ZeRO-1: with pure data parallelism the Adam moments of large weights are split over
+    the data axis too; the parameters themselves stay whole on every replica."""
+    mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
+    d = 64
+    path = "transformer/h/0/mlp/c_fc/kernel"
+    assert sharding.spec_for(path, (d, 4 * d), mesh) == P("fsdp", "tensor")
+    assert sharding.spec_for(path, (d, 4 * d), mesh, optimizer=True) == P(("data", "fsdp"), "tensor")
+    assert sharding.spec_for(path, (12, 4 * d), mesh, optimizer=True) == P("fsdp", "tensor")  # 8 does not divide 12
+    assert sharding.spec_for("transformer/ln_f/scale", (d,), mesh, optimizer=True) == P()
+
+
 def test_mesh_config_errors():
     with pytest.raises(ConfigError, match="mesh.model"):
         sharding.make_mesh({"model": 2})

@@ -6,7 +6,10 @@ is `transformer.h.0.attn.c_attn.weight`. A variant subclasses exactly one thing:
 `run_blocks`) or `GPT2LMHeadModel` (its `layout`). Nothing here knows about any variant.
 
 Options that are not variants are fields fixed at construction: `dtype` (compute
-dtype of activations and matmuls; parameters are always fp32) and `remat`.
+dtype of activations and matmuls; parameters are always fp32), `remat` (what a layer
+keeps for the backward pass), `scan` (the layers as one lax.scan) and the attention
+kernel. The forward pass stacks the per-layer parameters h/{i} and applies `Block` as a
+pure function, so the tree keeps the HF names while the layers still scan.
 """
 from __future__ import annotations
 
@@ -62,8 +65,7 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(Dh)) v over q [B, T, H, Dh], k, v [B, S, H, Dh]; mask [T, S],
         or None for causal with T == S. Scores and softmax are fp32 in every path."""
         if deterministic or self.attn_dropout.rate == 0.0:
-            return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[None, None],
-                                                is_causal=mask is None, implementation=implementation)
+            return ops.fused_attention(q, k, v, mask, implementation)
         # Dropout on the probabilities needs them materialised: no fused kernel in JAX exposes that.
         if mask is None:
             mask = ops.causal_mask(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]))

@@ -44,6 +44,26 @@ def duo_mask(length: int):
     return real_query | mask_query
 
 
+def fused_attention(q, k, v, mask, implementation: str, pad_odd: bool | None = None):
+    """softmax(q k^T / sqrt(Dh)) v with `jax.nn.dot_product_attention`; q [B, T, H, Dh],
+    k, v [B, S, H, Dh], mask [T, S] or None for causal (T == S).
+
+    cuDNN trains with a mask only on even lengths (duo-predict's 2L - 1 is odd), so an odd
+    masked self-attention gets one extra slot that nothing sees and whose output is dropped
+    (`pad_odd`, by default only for cuDNN).
+    """
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    if pad_odd is None:
+        pad_odd = implementation == "cudnn"
+    odd = pad_odd and q.shape[1] == k.shape[1] and q.shape[1] % 2 == 1
+    if odd:
+        q, k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v))
+        mask = jnp.pad(mask, ((0, 1), (0, 1)))
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=implementation)
+    return o[:, :-1] if odd else o
+
+
 def interleave(tokens, mask_token_id: int):
     """Plain token blocks [B, L] -> interleaved inputs [B, 2L-1] with mask ids at odd indices."""
     tokens = jnp.asarray(tokens)

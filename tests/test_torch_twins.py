@@ -179,3 +179,137 @@ def test_remote_code_roundtrip(variant, tmp_path):
     input_ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, **FP32_TOL)
+
+
+# ---- SDPA attention and gradient checkpointing (how the original trained: HF Trainer, bf16, SDPA) ----
+
+def eager_and_sdpa(variant):
+    """The same random model twice: with the explicit softmax attention and with SDPA."""
+    eager, sdpa = random_model(variant), random_model(variant)
+    eager.set_attn_implementation("eager")
+    assert sdpa.config._attn_implementation == "sdpa"  # the default, as for transformers' own models
+    return eager, sdpa
+
+
+def duo_interleaved_ids(model, real=40, seed=3):
+    """x_0, M, x_1, M, ..., x_{L-1}: longer than n_positions, so the twin uses the duo layout."""
+    tokens = torch.randint(1, SMALL["vocab_size"] - 1, (2, real), generator=torch.Generator().manual_seed(seed))
+    ids = torch.full((2, 2 * real - 1), SMALL["vocab_size"] - 1)
+    ids[:, 0::2] = tokens
+    assert ids.shape[1] > model.config.n_positions
+    return ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdpa_matches_eager(variant):
+    eager, sdpa = eager_and_sdpa(variant)
+    input_ids = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
+    # Left padding: a query with no visible key gets the same (finite) output on both paths.
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        for kwargs in (dict(), dict(attention_mask=mask)):
+            reference = eager(input_ids, **kwargs).logits
+            assert torch.isfinite(reference).all()
+            torch.testing.assert_close(sdpa(input_ids, **kwargs).logits, reference, **FP32_TOL)
+        # One more token on a KV cache: the mask path with a cache offset.
+        step = input_ids[:, :1]
+        past = [model(input_ids, attention_mask=mask, use_cache=True).past_key_values for model in (eager, sdpa)]
+        full_mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        eager_logits, sdpa_logits = (model(step, past_key_values=cache, attention_mask=full_mask).logits
+                                     for model, cache in zip((eager, sdpa), past))
+        torch.testing.assert_close(sdpa_logits, eager_logits, **FP32_TOL)
+    if variant == "duo-predict":
+        ids = duo_interleaved_ids(sdpa)
+        with torch.no_grad():
+            torch.testing.assert_close(sdpa(ids).logits, eager(ids).logits, **FP32_TOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sdpa_left_padded_generation_matches_eager(variant):
+    eager, sdpa = eager_and_sdpa(variant)
+    prompt = torch.randint(1, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), prompt], dim=1)
+    mask = torch.ones_like(padded)
+    mask[0, :3] = 0
+    args = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(sdpa.generate(padded, **args), eager.generate(padded, **args))
+
+
+def test_attn_implementation_is_a_loading_option(tmp_path):
+    model = random_model("rotating-gp")
+    config_class, model_class, filename = TWINS[model.config.model_type]
+    module = filename.removesuffix(".py")
+    model.config.auto_map = {"AutoConfig": f"{module}.{config_class.__name__}",
+                             "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}
+    model.save_pretrained(tmp_path)
+    (tmp_path / filename).write_text(bundle_source(model.config.model_type))
+    for implementation in ("eager", "sdpa"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True,
+                                                      attn_implementation=implementation)
+        assert loaded.config._attn_implementation == implementation
+    with pytest.raises(ValueError):
+        AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True,
+                                             attn_implementation="flash_attention_2")
+
+
+def train_gradients(model, input_ids, seed=7):
+    """Gradients of the HF loss in training mode (dropout off; diffusion noise drawn from `seed`)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    model(input_ids, labels=input_ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_checkpointing_gives_the_same_gradients(variant):
+    models = []
+    for _ in range(2):
+        model = random_model(variant)
+        model.config.attn_pdrop = model.config.embd_pdrop = model.config.resid_pdrop = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        models.append(model)
+    plain, checkpointed = models
+    assert checkpointed.supports_gradient_checkpointing
+    checkpointed.gradient_checkpointing_enable()
+    input_ids = (duo_interleaved_ids(plain) if variant == "duo-predict"
+                 else torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(6)))
+    # Each block (attention included) runs twice under checkpointing: forward, then again in backward.
+    calls = []
+    for block in checkpointed.transformer.h:
+        block.attn.register_forward_hook(lambda *args: calls.append(1))
+    reference = train_gradients(plain, input_ids)
+    gradients = train_gradients(checkpointed, input_ids)
+    assert len(calls) == 2 * checkpointed.config.n_layer
+    assert gradients.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(gradients[name], reference[name], **FP32_TOL, msg=name)
+    # Evaluation does not checkpoint (nothing to recompute without a backward pass).
+    calls.clear()
+    with torch.no_grad():
+        checkpointed.eval()(input_ids)
+    assert len(calls) == checkpointed.config.n_layer
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing_enable.*:FutureWarning")
+@pytest.mark.parametrize("variant", ["dd-both", "parallel-concat", "duo-predict", "rotating-lr-norm"])
+def test_bf16_autocast_training_step(variant):
+    model = random_model(variant).train()
+    if variant == "parallel-concat":
+        model.gradient_checkpointing_enable()
+    if variant == "duo-predict":
+        input_ids = duo_interleaved_ids(model)
+    else:
+        input_ids = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids, use_cache=False).logits
+    assert logits.dtype == torch.bfloat16  # the matmuls ran in bf16
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops, sharding, train
+from . import ops, profiling, sharding, train
 from .config import PRESETS, TRAINING_KEYS, ConfigError, load_config, read_json
 from .gpt2 import REMAT_POLICIES
 from .keymap import num_params as count_params
@@ -55,6 +55,7 @@ SIZES = {
 }
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.01, 1.0
+PROFILE_TOP = 10  # ops listed per side with --profile
 
 
 def log(message: str) -> None:
@@ -95,13 +96,16 @@ def resolve_config(name: str) -> Path:
     raise ConfigError(f"config {name!r} not found (a path, or one of: {known})")
 
 
-def make_workload(name: str, size: str, seq: int, batch: int, seed: int = 0, layers: int | None = None) -> Workload:
+def make_workload(name: str, size: str, seq: int, batch: int, seed: int = 0, layers: int | None = None,
+                  attn_pdrop: float | None = None) -> Workload:
     path = resolve_config(name)
     raw = read_json(path)
     model_raw = {k: v for k, v in raw.items() if k not in TRAINING_KEYS}
     model_raw.update(SIZES[size])
     if layers is not None:
         model_raw["n_layer"] = layers
+    if attn_pdrop is not None:
+        model_raw["attn_pdrop"] = attn_pdrop
     cfg = load_config(model_raw)
     label = path.stem
     rng = np.random.default_rng(seed)
@@ -147,6 +151,8 @@ class JaxSide:
         dtype = jnp.bfloat16 if bf16 else jnp.float32
         self.build_options = build_options  # build_model's keyword options besides dtype
         self.attention = attention_implementation(build_options["attention"], dtype)
+        # Attention dropout has no fused kernel in JAX: training takes the explicit path then.
+        self.train_attention = "explicit" if work.cfg["attn_pdrop"] > 0 else self.attention
         self.module = build_model(work.cfg, dtype=dtype, **build_options)
         self.state, shardings = train.init_state(build_model(work.cfg), tx, mesh, seed)
         self.batch = jax.device_put({"input_ids": work.input_ids, "targets": work.targets},
@@ -180,6 +186,11 @@ class JaxSide:
         jax.block_until_ready(out)
         return time.perf_counter() - start
 
+    def profile(self, steps: int, directory: Path) -> list[dict]:
+        with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+            self.train(steps)
+        return profiling.jax_top_ops(directory, steps, PROFILE_TOP, self.step.as_text())
+
     def peak_memory(self) -> tuple[int | None, str]:
         peak = (self.device.memory_stats() or {}).get("peak_bytes_in_use")
         if peak is not None and (self.peak_before is None or peak > self.peak_before):
@@ -193,7 +204,8 @@ class JaxSide:
 
     def info(self) -> dict:
         return {"device": self.device.device_kind, "platform": self.device.platform,
-                "build_model": self.build_options, "attention": self.attention, "compile_s": self.compile_s,
+                "build_model": self.build_options, "attention": self.attention,
+                "train_attention": self.train_attention, "compile_s": self.compile_s,
                 "first_step_s": self.first_step_s, "forward_compile_s": self.forward_compile_s}
 
     def peak_flops(self) -> float | None:
@@ -285,6 +297,15 @@ class TorchSide:
         self.model.train()
         return seconds
 
+    def profile(self, steps: int, directory: Path) -> list[dict]:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=activities) as prof:
+            self.train(steps)
+        directory.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(directory / "trace.json"))
+        return profiling.torch_top_ops(prof, steps, self.cuda, PROFILE_TOP)
+
     def peak_memory(self) -> tuple[int | None, str]:
         if self.cuda:
             return int(self.torch.cuda.max_memory_allocated(self.device)), "torch.cuda.max_memory_allocated"
@@ -321,7 +342,8 @@ def benchmark(work: Workload, args) -> dict:
         options = dict(remat=args.jax_remat_policy if args.remat else "none", scan=args.jax_scan,
                        attention=args.jax_attention)
         sides.append(JaxSide(work, args.dtype == "bf16", options, args.seed))
-        log(f"{tag} jax: compiled in {sides[-1].compile_s:.1f} s")
+        log(f"{tag} jax: compiled in {sides[-1].compile_s:.1f} s; attention: {sides[-1].train_attention} in "
+            f"training, {sides[-1].attention} in the forward pass")
     if not args.jax_only:
         log(f"{tag} torch: building the twin, first step")
         sides.append(TorchSide(work, args.dtype == "bf16", args.remat, args.seed))
@@ -344,6 +366,13 @@ def benchmark(work: Workload, args) -> dict:
     train_rounds = alternate("train", lambda side, n: side.train(n))
     memory = {side.name: side.peak_memory() for side in sides}  # training peak, before the forward phase
     forward_rounds = alternate("forward", lambda side, n: side.forward(n))
+    # After the timed rounds: the profiler's overhead stays out of the figures.
+    profiles = {}
+    if args.profile:
+        for side in sides:
+            directory = args.profile / work.name / side.name
+            log(f"{tag} {side.name}: profiling {args.steps} train steps into {directory}")
+            profiles[side.name] = {"trace_dir": str(directory), "top_ops": side.profile(args.steps, directory)}
 
     result = {
         "variant": work.name, "config": work.path, "model_type": work.cfg["model_type"], "model": work.cfg,
@@ -367,6 +396,7 @@ def benchmark(work: Workload, args) -> dict:
             "forward_rounds_tokens_per_s": forward_rounds[side.name],
             "loss_first": losses[side.name],
             "loss_last": side.loss(),
+            **({"profile": profiles[side.name]} if side.name in profiles else {}),
         }
     if "jax" in result and "torch" in result:
         result["ratio"] = {key: result["jax"][f"{key}_tokens_per_s"] / result["torch"][f"{key}_tokens_per_s"]
@@ -413,10 +443,35 @@ def markdown_table(results: list[dict]) -> str:
         ])
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    explicit = sorted({r["model"]["attn_pdrop"] for r in results if get(r, "jax", "train_attention") == "explicit"})
+    if explicit:
+        lines.append(f"\nJAX trains with explicit attention at attn_pdrop {', '.join(map(str, explicit))} "
+                     "(attention dropout has no fused kernel in JAX); --attn-pdrop 0 measures the fused one.")
     if any(r["model_type"] == "duo-predict-gpt2" for r in results):
         lines.append("\n\\* duo-predict: tokens are interleaved input positions, batch x (seq - 1); "
                      "text tokens are about half of them.")
     return "\n".join(lines)
+
+
+def shorten(source: str | None, width: int = 90) -> str:
+    """A JAX name stack's informative end: the Flax module path and the primitive."""
+    if not source:
+        return ""
+    return f"`{source}`" if len(source) <= width else f"`...{source[-(width - 3):]}`"
+
+
+def profile_tables(result: dict) -> str:
+    """Each profiled side's top ops, milliseconds per train step and share of the profiled op time."""
+    parts = []
+    for side in ("jax", "torch"):
+        profile = result.get(side, {}).get("profile")
+        if profile:
+            lines = [f"{result['variant']}, {side}: top ops by self time ({profile['trace_dir']})", "",
+                     "| op | ms/step | share | from |", "|---|---|---|---|"]
+            lines += [f"| `{op['name'][:80]}` | {op['ms_per_step']:.2f} | {op['share']:.1%} | "
+                      f"{shorten(op['source'])} |" for op in profile["top_ops"]]
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def environment() -> dict:
@@ -479,6 +534,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", choices=SIZES, default="small",
                    help="model size; overrides the file's sizes (small: 6 layers, d 384, 6 heads)")
     p.add_argument("--layers", type=positive, help="n_layer instead of the size's (e.g. compile time against depth)")
+    p.add_argument("--attn-pdrop", type=float, metavar="P",
+                   help="attention dropout for both sides instead of the config's (the original's: 0.1)")
     p.add_argument("--seq", type=positive, default=1024,
                    help="tokens per sequence; duo-predict: seq/2 text tokens, interleaved to seq-1 inputs")
     p.add_argument("--batch", type=positive, default=8, help="sequences per step")
@@ -498,6 +555,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     side = p.add_mutually_exclusive_group()
     side.add_argument("--jax-only", action="store_true", help="only our JAX train step")
     side.add_argument("--torch-only", action="store_true", help="only the PyTorch twin")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help=f"after the timed rounds, profile --steps train steps per side into DIR/<variant>/<side> "
+                        f"and list the top {PROFILE_TOP} ops by self time")
     p.add_argument("--seed", type=int, default=0, help="init and data seed")
     p.add_argument("--output", type=Path,
                    help="results JSON, written atomically (None: benchmarks/<device>-<date>.json)")
@@ -509,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         # Every config is checked before anything runs.
-        works = [make_workload(name, args.size, args.seq, args.batch, args.seed, args.layers)
+        works = [make_workload(name, args.size, args.seq, args.batch, args.seed, args.layers, args.attn_pdrop)
                  for name in (ALL_CONFIGS if args.all else args.config)]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -530,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].append(result)
         write_json_atomically(output, report)  # after every config: a late failure keeps the earlier ones
         print(f"\n{markdown_table([result])}\n", flush=True)
+        if args.profile:
+            print(f"{profile_tables(result)}\n", flush=True)
     if len(works) > 1:
         print(markdown_table(report["results"]))
     log(f"results written to {output}")

@@ -97,20 +97,28 @@ def next_token_targets(tokens):
     return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], IGNORE)], axis=1)
 
 
+def scored(logits, targets):
+    """`cross_entropy`'s sums, and the softmax [..., V] they came from."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE
+    safe = jnp.where(valid, targets, 0)
+    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    exp = jnp.exp(logits - top)
+    total = exp.sum(axis=-1, keepdims=True)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)
+    nll = jnp.where(valid, (top + jnp.log(total) - gold)[..., 0], 0.0)
+    # The target scoring the max is argmax's answer except on exact ties, without a second pass over V.
+    correct = valid & (gold >= top)[..., 0]
+    return (nll.sum(), valid.sum(), correct.sum()), exp / total
+
+
 def cross_entropy(logits, targets):
     """Summed token cross-entropy (fp32), number of scored tokens and correct argmax count.
 
     Returned as sums so that callers can average over any grouping (batches,
     accumulation steps, devices) exactly.
     """
-    logits = logits.astype(jnp.float32)
-    valid = targets != IGNORE
-    safe = jnp.where(valid, targets, 0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, logz - gold, 0.0)
-    correct = jnp.where(valid, jnp.argmax(logits, axis=-1) == safe, False)
-    return nll.sum(), valid.sum(), correct.sum()
+    return scored(logits, targets)[0]
 
 
 def tied_logits(hidden, embedding, vocab_size: int):
@@ -128,29 +136,62 @@ def chunked_cross_entropy(hidden, embedding, targets, vocab_size: int, chunk_len
     holding the fp32 logits [B, T, V] at once.
 
     The sequence axis is cut into chunks of `chunk_len` positions (the batch axis stays
-    whole, so its sharding is untouched); a scan computes each chunk's logits, sums and
-    gradient, and recomputes the logits in the backward pass instead of storing them.
+    whole, so its sharding is untouched) and a scan scores one chunk at a time. Under
+    differentiation the same pass also computes the gradients of the nll sum (the loss is
+    linear in it), so the backward pass only scales them: the logits are computed once per
+    step, not again for the backward, and the embedding's gradient is summed over chunks
+    in fp32.
     """
+    return _chunked_scores(hidden, embedding, targets, vocab_size, chunk_len, with_grads=False)[0]
+
+
+def _chunked_scores(hidden, embedding, targets, vocab_size: int, chunk_len: int, with_grads: bool):
+    """(sums, (d nll / d hidden, d nll / d embedding) or None) over chunks of the sequence."""
     b, t, d = hidden.shape
     n = -(-t // chunk_len)
     pad = n * chunk_len - t
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE)
-    chunks = (hidden.reshape(b, n, chunk_len, d).swapaxes(0, 1), targets.reshape(b, n, chunk_len).swapaxes(0, 1))
-    embedding = embedding.astype(hidden.dtype)
-    real = jnp.arange(embedding.shape[0]) < vocab_size
+    chunks = (jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk_len, d).swapaxes(0, 1),
+              jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk_len).swapaxes(0, 1))
+    weights = embedding.astype(hidden.dtype)
+    # Padding rows of the vocabulary are pushed out of the softmax, not sliced off (slices of V
+    # break the tiling); a bias, unlike a select, adds no work to the gradient.
+    bias = jnp.where(jnp.arange(embedding.shape[0]) < vocab_size, 0.0, jnp.finfo(jnp.float32).min)
 
-    @jax.checkpoint
-    def chunk_sums(h, t):
-        logits = jnp.einsum("btd,vd->btv", h, embedding, preferred_element_type=jnp.float32)
-        # Padding rows of the vocabulary are masked, not sliced off: slices of V break the tiling.
-        return cross_entropy(jnp.where(real, logits, jnp.finfo(jnp.float32).min), t)
-
-    def accumulate(total, chunk):
-        return jax.tree.map(jnp.add, total, chunk_sums(*chunk)), None
+    def step(carry, chunk):
+        sums, d_embedding = carry
+        h, tgt = chunk
+        logits = jnp.einsum("btd,vd->btv", h, weights, preferred_element_type=jnp.float32) + bias
+        chunk_sums, probs = scored(logits, tgt)
+        sums = jax.tree.map(jnp.add, sums, chunk_sums)
+        if not with_grads:
+            return (sums, d_embedding), None
+        d_logits = (probs - jax.nn.one_hot(tgt, embedding.shape[0], dtype=probs.dtype)) * (tgt != IGNORE)[..., None]
+        d_logits = d_logits.astype(weights.dtype)
+        d_h = jnp.einsum("btv,vd->btd", d_logits, weights, preferred_element_type=jnp.float32).astype(hidden.dtype)
+        d_embedding += jnp.einsum("btv,btd->vd", d_logits, h, preferred_element_type=jnp.float32)
+        return (sums, d_embedding), d_h
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    return jax.lax.scan(accumulate, zeros, chunks)[0]
+    d_embedding = jnp.zeros(embedding.shape, jnp.float32) if with_grads else None
+    (sums, d_embedding), d_hidden = jax.lax.scan(step, (zeros, d_embedding), chunks)
+    if not with_grads:
+        return sums, None
+    d_hidden = d_hidden.swapaxes(0, 1).reshape(b, n * chunk_len, d)[:, :t]
+    return sums, (d_hidden, d_embedding.astype(embedding.dtype))
+
+
+def _chunked_forward(hidden, embedding, targets, vocab_size, chunk_len):
+    return _chunked_scores(hidden, embedding, targets, vocab_size, chunk_len, with_grads=True)
+
+
+def _chunked_backward(vocab_size, chunk_len, grads, cotangents):
+    d_hidden, d_embedding = grads
+    g = cotangents[0]  # the counts are integers: only the nll sum carries a gradient
+    return (g * d_hidden).astype(d_hidden.dtype), (g * d_embedding).astype(d_embedding.dtype), None
+
+
+chunked_cross_entropy = jax.custom_vjp(chunked_cross_entropy, nondiff_argnums=(3, 4))
+chunked_cross_entropy.defvjp(_chunked_forward, _chunked_backward)
 
 
 def gp_frequencies(n_head: int, head_dim: int, base_frequency: float, scales: str = "code"):

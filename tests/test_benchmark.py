@@ -19,7 +19,9 @@ def positive(x):
 
 def test_benchmark_records_every_figure(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    assert main(["--config", "duo-predict", "configs/parallel-mean.json", *TINY, "--output", str(output)]) == 0
+    profile = tmp_path / "profile"
+    assert main(["--config", "duo-predict", "configs/parallel-mean.json", *TINY, "--output", str(output),
+                 "--profile", str(profile)]) == 0
     report = json.loads(output.read_text())
     assert report["command"].startswith("python benchmark.py --config duo-predict")
     assert {"jax", "torch", "transformers", "jax_device", "torch_device"} <= report["environment"].keys()
@@ -33,6 +35,8 @@ def test_benchmark_records_every_figure(tmp_path, capsys):
         assert result["num_params"] > 0 and result["flops_per_token"] > 0
         assert result["jax"]["compile_s"] > 0 and result["jax"]["forward_compile_s"] > 0
         assert result["torch"]["attn_implementation"] == "sdpa"
+        # The configs' attention dropout 0.1 keeps JAX training on the explicit path; it is said so.
+        assert (result["jax"]["attention"], result["jax"]["train_attention"]) == ("xla", "explicit")
         for side in ("jax", "torch"):
             figures = result[side]
             assert set(SIDE_FIELDS) <= figures.keys()
@@ -40,11 +44,19 @@ def test_benchmark_records_every_figure(tmp_path, capsys):
                 assert positive(figures[key]), (side, key, figures[key])
             rounds = figures["train_rounds_tokens_per_s"] + figures["forward_rounds_tokens_per_s"]
             assert rounds and all(positive(x) for x in rounds)
+            top = figures["profile"]["top_ops"]
+            assert top and all(positive(o["ms_per_step"]) and 0 < o["share"] <= 1 for o in top)
+            assert [o["share"] for o in top] == sorted((o["share"] for o in top), reverse=True)
+            assert any((profile / result["variant"] / side).rglob("*.json*"))
+        # Every JAX top op is an HLO instruction of the compiled step, traced back to its JAX op.
+        assert all(o["source"] for o in result["jax"]["profile"]["top_ops"])
         assert positive(result["ratio"]["train"]) and positive(result["ratio"]["forward"])
         # Same model, same batch, same targets: both start near ln(vocab).
         assert abs(result["jax"]["loss_first"] - result["torch"]["loss_first"]) < 0.5
     table = capsys.readouterr().out
     assert "| variant | tokens/s JAX | tokens/s torch |" in table and "| duo-predict * |" in table
+    assert "JAX trains with explicit attention at attn_pdrop 0.1" in table
+    assert "parallel-mean, jax: top ops by self time" in table and "parallel-mean, torch: top ops" in table
 
 
 @pytest.mark.parametrize("args, message", [
@@ -52,6 +64,7 @@ def test_benchmark_records_every_figure(tmp_path, capsys):
     (["--config", "dd-both", "--seq", "2048"], "--seq 2048 is longer than the 1024 positions of dd-both"),
     (["--config", "duo-predict", "--seq", "2048"], "1024 text tokens, more than the 512 positions"),
     (["--config", "parallel-mean", "--layers", "3"], "parallel-gpt2 needs an even number of layers, got 3"),
+    (["--config", "dd-both", "--attn-pdrop", "1.5"], "config key 'attn_pdrop': dropout must be in [0, 1), got 1.5"),
 ])
 def test_bad_input_is_one_line_error(args, message, capsys, tmp_path):
     assert main([*args, "--output", str(tmp_path / "x.json")]) == 2

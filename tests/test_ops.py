@@ -162,3 +162,22 @@ def test_rotate_interleaved_formula_and_relative_property():
         return np.einsum("hd,hd->h", np.asarray(ops.rotate_interleaved(q, jnp.array([tq]), f))[0, 0],
                          np.asarray(ops.rotate_interleaved(x, jnp.array([tk]), f))[0, 0])
     np.testing.assert_allclose(score(7, 3), score(14, 10), atol=1e-4)
+
+
+def test_chunked_cross_entropy_bf16_gradients():
+    """bf16 hidden states: the gradients come back in the inputs' dtypes, the embedding's summed
+    over chunks in fp32, and both near the fp32 gradients (bf16 rounding of inputs and logit
+    gradients only)."""
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.standard_normal((2, 12, 8)), jnp.float32)
+    emb = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 12)), jnp.int32)
+
+    def grads(h):
+        return jax.grad(lambda h, e: ops.chunked_cross_entropy(h, e, targets, 11, 5)[0], argnums=(0, 1))(h, emb)
+
+    (h16, e16), (h32, e32) = grads(h.astype(jnp.bfloat16)), grads(h)
+    assert h16.dtype == jnp.bfloat16 and e16.dtype == jnp.float32
+    for low, exact in ((h16, h32), (e16, e32)):
+        scale = float(jnp.abs(exact).max())
+        np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=0, atol=2 ** -6 * scale)

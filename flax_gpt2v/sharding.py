@@ -18,6 +18,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config import ConfigError
+from .schedule import LAYERS
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -88,9 +89,11 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, optimizer: bool = Fa
             return BATCH_AXES
         return name if name and dim % mesh.shape[name] == 0 else None
 
+    # The optimizer's stacked layers (schedule.stack_layers) add a leading layer axis, kept whole.
+    layers = (None,) if f"/{LAYERS}/" in f"/{path}/" else ()
     for pattern, axes in RULES:
-        if re.search(pattern, path) and len(axes) == len(shape):
-            return P(*(axis(a, dim) for a, dim in zip(axes, shape)))
+        if re.search(pattern, path) and len(layers) + len(axes) == len(shape):
+            return P(*layers, *(axis(a, dim) for a, dim in zip(axes, shape[len(layers):])))
     return P()  # biases, LayerNorms, variant scalars: small, replicated
 
 

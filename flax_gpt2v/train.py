@@ -531,8 +531,15 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     meta = {"best_eval_loss": None, "bad_evals": 0, "stopped": False}
     start = 0
     if resuming and manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state(state, state_shardings)), meta=ocp.args.JsonRestore()))
+        try:
+            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state(state, state_shardings)), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax reports a mismatched or damaged tree in many exception types
+            reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
+            raise checkpoint.CheckpointError(
+                f"cannot resume from {opts.output_dir}/{CHECKPOINTS}/{manager.latest_step()}: its training state "
+                f"does not match this run's (written by another flax-gpt2v version, or damaged): {reason}; "
+                "use a new output_dir") from None
         state, meta = restored["state"], restored["meta"]
         start = int(jax.device_get(state["step"]))
         log(f"resumed from {opts.output_dir}/{CHECKPOINTS} at step {start}")

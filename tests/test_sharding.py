@@ -49,9 +49,19 @@ def test_optimizer_state_follows_its_parameter():
     lm = fg.init({**tt.TINY, "vocab_size": 256})
     mesh = sharding.make_mesh({}, jax.devices()[:1])
     opt_state = tr.adamw(lambda s: 1e-3, 0.01).init(lm.params)
-    paths = {sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
-    assert "transformer/h/0/mlp/c_fc/kernel" in paths  # mu and nu, wrappers dropped
+    leaves = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+    # mu and nu, wrappers dropped; the blocks stacked on a leading layer axis.
+    assert leaves["transformer/h/layers/mlp/c_fc/kernel"].shape == (tt.TINY["n_layer"], *lm.params["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].shape)
     assert jax.tree.structure(sharding.tree_shardings(opt_state, mesh)) == jax.tree.structure(opt_state)
+
+
+def test_stacked_layers_keep_their_parameters_rules():
+    mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 2})
+    d = 64
+    assert sharding.spec_for("transformer/h/layers/mlp/c_fc/kernel", (6, d, 4 * d), mesh) == P(None, "fsdp", "tensor")
+    assert (sharding.spec_for("transformer/h/layers/mlp/c_fc/kernel", (6, d, 4 * d), mesh, optimizer=True)
+            == P(None, ("data", "fsdp"), "tensor"))
+    assert sharding.spec_for("transformer/h/layers/ln_1/scale", (6, d), mesh) == P()
 
 
 def test_optimizer_state_is_split_over_data_replicas():

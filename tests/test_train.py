@@ -18,7 +18,8 @@ import flax_gpt2v as fg
 from flax_gpt2v import data, ops, sharding
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from flax_gpt2v.keymap import flatten_params
-from flax_gpt2v.schedule import decay_mask, lr_schedule
+from flax_gpt2v.checkpoint import CheckpointError
+from flax_gpt2v.schedule import adamw, decay_mask, lr_schedule, stack_layers, unstack_layers
 from flax_gpt2v import train as tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +87,24 @@ def test_decay_mask_excludes_biases_and_layernorms():
     assert mask["transformer/wte/embedding"] and mask["transformer/h/0/attn/c_attn/kernel"]
     assert mask["transformer/h/0/attn/drift_param"]  # HF decays it too (its name has no "bias")
     assert not mask["transformer/ln_f/scale"] and not mask["transformer/h/1/mlp/c_fc/bias"]
+
+
+def test_optimizer_over_stacked_layers_is_per_parameter_adamw():
+    """AdamW and clipping over the stacked layers update every parameter as the per-leaf
+    optimizer does; stack and unstack are inverse."""
+    lm = fg.init({"model_type": "dd-gpt2", **TINY, "vocab_size": 64})
+    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_layers(stack_layers(lm.params)), lm.params))
+    grads = jax.tree.map(lambda p: jnp.cos(3.0 * p) + 0.1, lm.params)
+    sched = lr_schedule("constant", 1e-2, 0, 10)
+    plain = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(sched, weight_decay=0.1, mask=decay_mask))
+    results = []
+    for tx in (adamw(sched, 0.1, max_grad_norm=0.5), plain):
+        params, state = lm.params, tx.init(lm.params)
+        for _ in range(3):
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        results.append(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *results)
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -263,6 +282,19 @@ def test_sigkill_and_resume_is_exact(model_type, tmp_path):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(jax.tree.leaves(fg.load(ref / "best").params), jax.tree.leaves(fg.load(out / "best").params)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_resume_from_an_unreadable_checkpoint_is_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    tr.train(tiny_config("gpt2", out, max_steps=2, save_steps=2), prepared=corpus(), log=lambda m: None)
+    for f in (out / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.name != "_CHECKPOINT_METADATA":
+            f.write_bytes(b"not a checkpoint")
+    kept = (out / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoints/2: its training state") as e:
+        tr.train(tiny_config("gpt2", out, max_steps=4), prepared=corpus(), log=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert (out / "metrics.jsonl").read_text() == kept
 
 
 def test_resume_refuses_a_different_model(tmp_path):

@@ -113,7 +113,8 @@ def scored(logits, targets):
 
 
 def cross_entropy(logits, targets):
-    """Summed token cross-entropy (fp32), number of scored tokens and correct argmax count.
+    """Summed token cross-entropy (fp32), number of scored tokens, and how many targets score
+    the max logit (argmax accuracy; an exact tie counts as correct).
 
     Returned as sums so that callers can average over any grouping (batches,
     accumulation steps, devices) exactly.

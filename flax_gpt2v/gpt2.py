@@ -152,7 +152,7 @@ REMAT_POLICIES = {
 
 def run_layers(step, x, xs, scan: bool):
     """Fold `step(x, xs_i) -> (x, y_i)` over the leading (layer) axis of the pytree xs; the
-    y_i come back stacked. `scan` runs one lax.scan, so compile time does not grow with depth."""
+    y_i come back stacked. `scan` runs one lax.scan: the layer is compiled once, not once per layer."""
     if scan:
         return jax.lax.scan(step, x, xs)
     ys = []

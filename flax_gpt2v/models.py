@@ -33,7 +33,7 @@ def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, a
     """The Flax module for a validated config.
 
     dtype: compute dtype (params stay fp32); remat: "none", "full" or "dots" (see
-    gpt2.REMAT_POLICIES); scan: layers as one lax.scan (compile time flat in depth);
+    gpt2.REMAT_POLICIES); scan: layers as one lax.scan (the layer compiled once);
     attention: "auto", "xla" or "cudnn".
     """
     if remat not in REMAT_POLICIES:

@@ -295,11 +295,11 @@ def make_eval_step(module, *, interleaved: bool, batch_devices: int = 1):
         def sums(h, t):
             return lm_loss_sums(module, params, h, t, batch_devices)
 
-        out = {"": sums(hidden, t)}
-        if interleaved:
-            out["next_"] = sums(hidden[:, 0::2], t[:, 0::2])
-            out["fill_"] = sums(hidden[:, 1::2], t[:, 1::2])
-        return out
+        if not interleaved:
+            return {"": sums(hidden, t)}
+        # The whole sequence's sums are the two groups' sums: the head runs once per position.
+        groups = {"next_": sums(hidden[:, 0::2], t[:, 0::2]), "fill_": sums(hidden[:, 1::2], t[:, 1::2])}
+        return {"": jax.tree.map(jnp.add, groups["next_"], groups["fill_"]), **groups}
     return step
 
 

@@ -89,6 +89,21 @@ def test_decay_mask_excludes_biases_and_layernorms():
     assert not mask["transformer/ln_f/scale"] and not mask["transformer/h/1/mlp/c_fc/bias"]
 
 
+def test_duo_eval_step_groups_are_the_full_logits_loss():
+    """duo-predict's eval sums: whole sequence, real positions (even) and mask positions (odd),
+    each equal to the cross-entropy of the full logits over those positions."""
+    cfg = fg.load_config({**TINY, "model_type": "duo-predict-gpt2", "vocab_size": 257, "mask_token_id": 256})
+    module = fg.build_model(cfg)
+    batch = {k: jnp.asarray(v) for k, v in data.make_batch(corpus().train, np.arange(4), cfg).items()}
+    params = fg.init(cfg, seed=1).params
+    sums = jax.jit(tr.make_eval_step(module, interleaved=True))(params, batch)
+    logits, t = module.apply({"params": params}, batch["input_ids"], interleaved=True), batch["targets"]
+    for group, sl in (("", slice(None)), ("next_", slice(0, None, 2)), ("fill_", slice(1, None, 2))):
+        expected = ops.cross_entropy(logits[:, sl], t[:, sl])
+        np.testing.assert_allclose(sums[group][0], expected[0], rtol=1e-5)
+        assert [int(x) for x in sums[group][1:]] == [int(x) for x in expected[1:]], group
+
+
 def test_optimizer_over_stacked_layers_is_per_parameter_adamw():
     """AdamW and clipping over the stacked layers update every parameter as the per-leaf
     optimizer does; stack and unstack are inverse."""

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import checkpoint, ops, sharding
+from . import checkpoint, ops, reporting, sharding
 from .config import TRAINING_KEYS, ConfigError, read_json, split_config
 from .keymap import num_params as count_params
 from .models import ATTENTION_IMPLEMENTATIONS, build_model
@@ -152,8 +152,7 @@ def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> O
                 raise ConfigError(f"config key '{alias}': conflicts with '{key}'")
             values[key] = train[alias]
     values.update({k: v for k, v in train.items() if k in DEFAULTS})
-    if isinstance(values["report_to"], str):
-        values["report_to"] = [values["report_to"]]
+    values["report_to"] = reporting.resolve_report_to(values["report_to"])
     for key, default in DEFAULTS.items():
         v = values[key]
         if v is None or default is None:
@@ -354,12 +353,12 @@ def global_batch(local: Mapping[str, np.ndarray], batch_sharding) -> dict:
 # ---------------------------------------------------------------- logging
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard, wandb); written by process 0 only."""
+    """metrics.jsonl (+ the `report_to` backends); written by process 0 only."""
 
     def __init__(self, opts: Options, restored_step: int, run_config: dict, log: Callable[[str], None]):
         self.active = jax.process_index() == 0
         self.path = os.path.join(opts.output_dir, "metrics.jsonl")
-        self.tb = self.wandb = None
+        self.backends = []
         if not self.active:
             return
         if os.path.exists(self.path):
@@ -371,40 +370,21 @@ class MetricsLog:
                 f.writelines(keep)
             os.replace(tmp, self.path)
         self.file = open(self.path, "a")
-        report = set(opts.report_to)
-        if report & {"tensorboard", "all"}:
-            try:
-                from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(opts.output_dir, "tb"))
-            except ImportError:
-                log("TensorBoard: tensorboardX is not installed, no scalars written")
-        if report & {"wandb", "all"}:
-            try:
-                import wandb
-                self.wandb = wandb.init(name=opts.run_name, config=run_config, dir=opts.output_dir)
-            except ImportError:
-                log("wandb: not installed, not reporting")
+        self.backends = reporting.open_backends(opts.report_to, opts.output_dir, run_config, log)
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        step = record["step"]
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                if self.tb:
-                    self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(record, step=step)
+        for backend in self.backends:
+            backend.log(record)
 
     def close(self) -> None:
         if self.active:
             self.file.close()
-            if self.tb:
-                self.tb.close()
-            if self.wandb:
-                self.wandb.finish()
+            for backend in self.backends:
+                backend.close()
 
 
 def flops_per_token(cfg: Mapping[str, Any], num_params: int, seq_len: int) -> float:

@@ -10,6 +10,8 @@ from . import ops
 from .config import head_dim
 from .gpt2 import Attention, GPT2LMHeadModel
 
+ROPE_NORM_EPS = 1e-5  # SPEC 5
+
 
 class HeadFrequencies(nn.Module):
     """`attn/rope`: the per-head frequencies [H, Dh/2]."""
@@ -24,8 +26,9 @@ class HeadFrequencies(nn.Module):
         else:
             f = ops.gp_frequencies(cfg["n_head"], head_dim(cfg), cfg["base_frequency"], cfg["gp_scales"])
         if cfg["use_norm"]:
-            # The norm of frequencies is computed in fp32 whatever the compute dtype.
-            f = nn.LayerNorm(cfg["layer_norm_epsilon"], name="layer_norm")(f)
+            # The norm of frequencies is computed in fp32 whatever the compute dtype. eps is
+            # 1e-5 whatever layer_norm_epsilon says: the original builds nn.LayerNorm(Dh // 2).
+            f = nn.LayerNorm(ROPE_NORM_EPS, name="layer_norm")(f)
         return f
 
 

@@ -32,6 +32,21 @@ VARIANTS = {
                                     base_frequency=500.0),
 }
 
+# Every config field that reaches both the JAX model and the exported torch model is off its
+# default here, so a field that one side ignores (as the rope LayerNorm once used
+# layer_norm_epsilon on one side only) changes the logits of one side only.
+_NON_DEFAULT = dict(layer_norm_epsilon=1e-2, initializer_range=0.05, n_inner=40, resid_pdrop=0.05,
+                   embd_pdrop=0.15, attn_pdrop=0.2)
+_NON_DEFAULT_BY_TYPE = {
+    "duo-predict-gpt2": dict(mask_token_id=5, duo_loss="original"),
+    "rotating-head-gpt2": dict(base_frequency=500.0),
+}
+
+
+def off_default(variant):
+    """Overrides for cross-framework tests: with SMALL, every field reaching both sides is off its default."""
+    return {**_NON_DEFAULT, **_NON_DEFAULT_BY_TYPE.get(VARIANTS[variant]["model_type"], {})}
+
 
 def small_config(variant, **overrides):
     return {**SMALL, **VARIANTS[variant], **overrides}

@@ -12,7 +12,7 @@ import flax_gpt2v as fg
 from flax_gpt2v import checkpoint
 from flax_gpt2v.tokenizer import load_tokenizer
 
-from helpers import perturbed_lm, small_config
+from helpers import off_default, perturbed_lm, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,14 +31,16 @@ def setup(tmp_path_factory):
     text_file = root / "val.txt"
     text_file.write_text(TEXT)
 
-    def make(variant, name):
-        extra = dict(mask_token_id=tok.mask_token_id) if variant == "duo-predict" else {}
+    def make(variant, name, **extra):
+        if variant == "duo-predict":
+            extra["mask_token_id"] = tok.mask_token_id
         lm = perturbed_lm(variant, seed=1, scale=0.1, vocab_size=tok.vocab_size, n_positions=64, **extra)
         lm.tokenizer_dir = str(tok_dir)
         lm.save(str(root / name))
         return str(root / name)
 
-    native = make("rotating-gp", "native")
+    # Compared with transformers below: every field that reaches both sides off its default.
+    native = make("rotating-gp", "native", **off_default("rotating-gp"))
     hf = str(root / "hf")
     checkpoint.export_hf(native, hf)
     duo = make("duo-predict", "duo")

@@ -6,10 +6,39 @@ from transformers import AutoModelForCausalLM
 
 import flax_gpt2v as fg
 from flax_gpt2v import checkpoint, ops
+from flax_gpt2v.config import BASE_DEFAULTS, CHOICES, MODEL_TYPES, VARIANT_DEFAULTS, load_config
 from flax_gpt2v.keymap import flatten_params
-from helpers import FP32_TOL, VARIANTS, perturbed_lm, random_ids
+from helpers import FP32_TOL, VARIANTS, off_default, perturbed_lm, random_ids, small_config
 
 SEEDS = (0, 1)
+# Fields that select the variant: each takes every value across VARIANTS instead.
+SELECTORS = {"model_type", "apply_drift", "apply_diffusion", "baseline_each_head", "bottleneck_method",
+             "rotatinghead", "use_norm", "gp_scales"}
+# The one value supported (a second value is refused on import).
+SINGLE_CHOICE = {"activation_function"}
+
+
+def cross_lm(variant, seed=0, **overrides):
+    return perturbed_lm(variant, seed=seed, **{**off_default(variant), **overrides})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cross_framework_configs_are_off_default_in_every_field(variant):
+    cfg = cross_lm(variant).config
+    mt = cfg["model_type"]
+    default = load_config({"model_type": mt})
+    same = sorted(k for k in {**BASE_DEFAULTS, **VARIANT_DEFAULTS[mt]}
+                  if k not in SELECTORS | SINGLE_CHOICE and cfg[k] == default[k])
+    assert not same, f"{variant}: {same} at their defaults"
+
+
+def test_cross_framework_configs_cover_every_selector_value():
+    configs = [load_config(small_config(v)) for v in VARIANTS]
+    assert {c["model_type"] for c in configs} == set(MODEL_TYPES)
+    for key in SELECTORS - {"model_type"}:
+        values = {c[key] for c in configs if key in c}
+        expected = {True, False} if isinstance(next(iter(values)), bool) else set(CHOICES.get(key, values))
+        assert values >= expected, key
 
 
 def export(lm, tmp_path, name="hf", dtype="float32"):
@@ -26,7 +55,7 @@ def torch_model(directory):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_exported_torch_logits_equal_flax_and_round_trip_is_exact(variant, seed, tmp_path):
-    lm = perturbed_lm(variant, seed=seed, n_layer=4 if variant.startswith("parallel") else 1 + seed)
+    lm = cross_lm(variant, seed=seed, n_layer=4 if variant.startswith("parallel") else 1 + seed)
     hf = export(lm, tmp_path)
     ids = random_ids((2, 11), seed=seed)
     with torch.no_grad():
@@ -48,7 +77,7 @@ def test_exported_torch_logits_equal_flax_and_round_trip_is_exact(variant, seed,
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_transformers_generate_equals_flax_generate(variant, tmp_path):
-    lm = perturbed_lm(variant, seed=5)
+    lm = cross_lm(variant, seed=5)
     model = torch_model(export(lm, tmp_path))
     prompt = random_ids((2, 5), seed=6)
     with torch.no_grad():
@@ -60,7 +89,7 @@ def test_transformers_generate_equals_flax_generate(variant, tmp_path):
 
 
 def test_bf16_export_loads_and_is_close(tmp_path):
-    lm = perturbed_lm("rotating-gp-norm")
+    lm = cross_lm("rotating-gp-norm")
     model = torch_model(export(lm, tmp_path, dtype="bfloat16"))
     assert model.dtype == torch.bfloat16
     ids = random_ids((2, 9))

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import checkpoint, ops, reporting, sharding
 from .config import TRAINING_KEYS, ConfigError, read_json, split_config
+from .hub import HubPush
 from .keymap import num_params as count_params
 from .models import ATTENTION_IMPLEMENTATIONS, build_model
 from .schedule import SCHEDULES, adamw, lr_schedule
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = dict(
     logging_steps=500, eval_steps=500, save_steps=500, save_total_limit=None,
     early_stopping_patience=2, early_stopping_threshold=0.0, seed=42, data_seed=None,
     mesh={"data": -1, "fsdp": 1, "tensor": 1}, distributed=None, export_hf=True, report_to=["tensorboard"],
+    push_to_hub=False, hub_model_id=None, hub_private_repo=None, hub_strategy="every_save",
 )
 ALIASES = {"batch_size": "per_device_train_batch_size", "max_seq_length": "block_size"}
 # Read by the data pipeline (prepare_data gets the whole training config).
@@ -53,7 +55,8 @@ DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "mode
              "max_train_samples", "max_eval_samples", "validation_split_percentage", "cache_dir",
              "preprocessing_num_workers", "streaming"}
 # Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
-IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS
+# hub_token is read by hub.HubPush and kept out of Options, so that no file ever holds it.
+IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token"}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
 # Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
 LOGIT_CHUNK_TOKENS = 8192
@@ -98,6 +101,10 @@ class Options:
     distributed: dict | None
     export_hf: bool
     report_to: list
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_private_repo: bool | None
+    hub_strategy: str
 
 
 # ---------------------------------------------------------------- configuration
@@ -448,6 +455,7 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     init_distributed(opts)
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
+    hub = HubPush(opts, train_keys.get("hub_token"), log, active=is_main)
     ignored = sorted(k for k in train_keys if k in IGNORED_KEYS)
     if ignored:
         log(f"ignored (PyTorch/HF Trainer only) config keys: {', '.join(ignored)}")
@@ -546,6 +554,8 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     def save(step):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(dict(meta))))
+        if hub.every_save and step < total and not meta["stopped"]:  # the last goes with the final export
+            hub.push_checkpoint(step, model_cfg, host_params(state["params"]), tokenizer_dir)
 
     bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=opts.run_name)
     timed_tokens, timed_seconds, t_mark, tokens_since, paused = 0, 0.0, None, 0, 0.0
@@ -602,6 +612,7 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     params = host_params(state["params"])
     if is_main:
         save_final(opts, model_cfg, params, log)
+        hub.push_final(os.path.join(opts.output_dir, "hf"))
     summary = {"step": final_step, "num_params": num_params,
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None, "mfu": None}
     if last_eval:

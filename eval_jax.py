@@ -14,18 +14,11 @@ import json
 import os
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
+from flax_gpt2v.cli import ArgumentParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR", help="native checkpoint or training run directory")
     src.add_argument("--hf", metavar="DIR", help="HF directory (our export or the original's Hub format)")
@@ -94,19 +87,13 @@ def run(args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from flax_gpt2v.checkpoint import CheckpointError
-    from flax_gpt2v.config import ConfigError
-    from flax_gpt2v.data import DataError
-    from flax_gpt2v.evaluate import EvalError
-
-    try:
-        run(build_parser().parse_args(argv))
-    except (_UsageError, EvalError, ConfigError, CheckpointError, DataError, FileNotFoundError,
-            NotADirectoryError, PermissionError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

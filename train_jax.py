@@ -4,21 +4,43 @@ Any config key can be overridden (`--max_steps 40`, `--output_dir runs/demo`,
 `--mesh.fsdp 4`); values are parsed as JSON when possible. Rerunning with the
 same output_dir resumes from its last checkpoint. See flax_gpt2v/train.py.
 """
+import json
 import sys
 
-from flax_gpt2v.checkpoint import CheckpointError
-from flax_gpt2v.config import ConfigError
-from flax_gpt2v.train import parse_cli, train
+from flax_gpt2v.cli import run_cli
+
+
+def help_text() -> str:
+    from flax_gpt2v.train import ALIASES, DATA_HELP, DEFAULTS, IGNORED_KEYS, OPTION_HELP
+
+    def rows(items):
+        return [f"  --{key} {value}\n      {meaning}" for key, value, meaning in items]
+
+    return "\n".join([
+        f"usage: python train_jax.py --config FILE [--KEY VALUE ...]\n\n{__doc__.split(chr(10), 1)[1].strip()}",
+        "\ntrainer options (--KEY DEFAULT, then what it does):",
+        *rows((k, json.dumps(v), OPTION_HELP[k]) for k, v in DEFAULTS.items()),
+        "\ndata options:",
+        *rows((k, default, meaning) for k, (default, meaning) in DATA_HELP.items()),
+        "\naliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()),
+        "model keys (model_type, n_layer, n_embd, ...; README, SPEC 1-5) are overridden the same way.",
+        "accepted and ignored (PyTorch / HF Trainer only): " + ", ".join(sorted(IGNORED_KEYS)),
+    ])
+
+
+def _main(argv: list[str]) -> int:
+    from flax_gpt2v.train import parse_cli, train
+
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    config, overrides = parse_cli(argv)
+    train(config, overrides)
+    return 0
 
 
 def main(argv: list[str]) -> int:
-    try:
-        config, overrides = parse_cli(argv)
-        train(config, overrides)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import ops, profiling, sharding, train
+from .cli import ArgumentParser, run_cli
 from .config import PRESETS, TRAINING_KEYS, ConfigError, load_config, read_json
 from .gpt2 import REMAT_POLICIES
 from .keymap import num_params as count_params
@@ -525,7 +526,7 @@ def non_negative(text: str) -> int:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", nargs="+", metavar="CONFIG",
@@ -565,15 +566,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        # Every config is checked before anything runs.
-        works = [make_workload(name, args.size, args.seq, args.batch, args.seed, args.layers, args.attn_pdrop)
-                 for name in (ALL_CONFIGS if args.all else args.config)]
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # Every config is checked before anything runs.
+    works = [make_workload(name, args.size, args.seq, args.batch, args.seed, args.layers, args.attn_pdrop)
+             for name in (ALL_CONFIGS if args.all else args.config)]
     env = environment()
     now = datetime.datetime.now().astimezone()
     output = args.output or default_output(env["jax_device"] if not args.torch_only else env["torch_device"],

@@ -3,9 +3,9 @@
 Native: `config.json` (the validated config + "flax_gpt2v_format") and
 `flax_params.safetensors` (float32, keys = '/'-joined Flax paths), plus the
 tokenizer files when known. HF: what `transformers` (and the original's classes)
-load as-is. Every write goes to a temporary sibling directory that is renamed
-into place only when complete, so a failed write never leaves a half-written
-checkpoint nor destroys an existing one.
+load as-is. Every write goes to a temporary directory first, so a failed write
+never leaves a half-written checkpoint nor destroys an existing one; replacing
+a checkpoint replaces only the files this module writes (README "Conversion").
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 
 from .config import HF_MUST_BE, load_config, read_json
-from .keymap import check_flax_params, flatten_params, flax_to_torch_state, torch_to_flax_params, unflatten_params
+from .keymap import check_flax_params, check_weights, flatten_params, flax_to_torch_state, torch_to_flax_params, unflatten_params
 
 # 2: the embedding holds config.padded_vocab rows (zero beyond vocab_size).
 NATIVE_FORMAT = 2
@@ -31,6 +31,12 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 EXPORT_DTYPES = ("float32", "bfloat16")
+# Weight files of every checkpoint layout we know, ours or not: a directory holding one is a checkpoint.
+WEIGHT_FILES = (NATIVE_WEIGHTS, HF_WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "flax_model.msgpack", "tf_model.h5")
+# What the trainer writes into every output_dir (train.py), and what Orbax writes into a checkpoint.
+RUN_MARKERS = ("run_config.json", "checkpoints")
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
 # The original's class names, so its own code recognises the exported files.
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
@@ -74,7 +80,7 @@ def save_native(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
         safetensors.numpy.save_file(arrays, os.path.join(tmp, NATIVE_WEIGHTS))
         _copy_tokenizer(tokenizer_dir, tmp)
 
-    return _write_dir_atomically(path, overwrite, write)
+    return _write_dir_atomically(path, overwrite, write, _owned_files("native"))
 
 
 def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -146,30 +152,87 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), generation_config)
         _copy_tokenizer(tokenizer_dir, tmp)
 
-    return {"dtype": dtype, "files": _write_dir_atomically(path, force, write)}
+    return {"dtype": dtype, "files": _write_dir_atomically(path, force, write, _owned_files("hf"))}
 
 
 def export_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
               force: bool = False) -> dict:
     """Native checkpoint `src` -> HF directory `dst`, tokenizer included; see save_hf_dir."""
-    _check_distinct(src, dst)
+    check_destination(src, dst, "hf")
     cfg, params = load_native(src)
+    check_weights(flatten_params(params), f"{os.path.join(src, NATIVE_WEIGHTS)}: cannot export")
     return save_hf_dir(dst, cfg, params, dtype=dtype, force=force,
                        tokenizer_dir=src if has_tokenizer(src) else None)
 
 
 def import_hf(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> list[str]:
     """HF directory `src` -> native checkpoint `dst`, tokenizer included; returns the file names."""
-    _check_distinct(src, dst)
+    check_destination(src, dst, "native")
     cfg, params = load_hf_dir(src)
     return save_native(dst, cfg, params, tokenizer_dir=src if has_tokenizer(src) else None,
                        overwrite=force)
 
 
-def _check_distinct(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    # Replacing the source with its own conversion would lose the source.
-    if os.path.realpath(src) == os.path.realpath(dst):
+def _owned_files(kind: str) -> set[str]:
+    """Every file name a `kind` ("native" or "hf") checkpoint written here can hold."""
+    if kind == "native":
+        return {CONFIG_FILE, NATIVE_WEIGHTS, *TOKENIZER_FILES}
+    from .torch_twins import TWINS
+    return {CONFIG_FILE, HF_WEIGHTS, GENERATION_CONFIG_FILE, *TOKENIZER_FILES,
+            *(filename for _, _, filename in TWINS.values())}
+
+
+def _is_orbax(path: str, names: set[str]) -> bool:
+    """An Orbax step (its markers) or a CheckpointManager directory (numbered steps)."""
+    return bool(names & set(ORBAX_MARKERS)) or any(
+        n.isdigit() and os.path.exists(os.path.join(path, n, ORBAX_MARKERS[0])) for n in names)
+
+
+def _inside(path: str, parent: str) -> bool:
+    return os.path.commonpath([path, parent]) == parent and path != parent
+
+
+def check_destination(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -> None:
+    """Refuse a conversion whose writing could lose something: into its own source, into a training
+    run or an Orbax checkpoint, or over a directory that is not a `kind` checkpoint already (one that
+    is, a previous conversion's output, is replaced only with force; see _write_dir_atomically)."""
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if s == d:
         raise CheckpointError(f"source and destination are the same directory: {src}")
+    if _inside(s, d):
+        raise CheckpointError(f"the source {src} is inside the destination {dst}; write to another directory")
+    if _inside(d, s):
+        raise CheckpointError(f"the destination {dst} is inside the source {src}; write to another directory")
+    parent = d
+    while parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+        # Only probes: an ancestor may be searchable but not readable.
+        if os.path.isfile(os.path.join(parent, RUN_MARKERS[0])):
+            raise CheckpointError(f"the destination {dst} is inside the training run {parent}; "
+                                  "write to a directory outside it")
+        if any(os.path.exists(os.path.join(parent, m)) for m in ORBAX_MARKERS):
+            raise CheckpointError(f"the destination {dst} is inside the Orbax checkpoint {parent}; "
+                                  "write to a directory outside it")
+    if not os.path.isdir(d):
+        return
+    names = set(os.listdir(d))
+    if names & set(RUN_MARKERS):
+        raise CheckpointError(f"{dst} is a training run (it has {', '.join(sorted(names & set(RUN_MARKERS)))}); "
+                              "write to a directory outside it")
+    if _is_orbax(d, names):
+        raise CheckpointError(f"{dst} is an Orbax checkpoint; write to another directory")
+    weights = {NATIVE_WEIGHTS if kind == "native" else HF_WEIGHTS}
+    if CONFIG_FILE in names and names & set(WEIGHT_FILES) == weights:
+        return  # a `kind` checkpoint: replaced with force only
+    others = sorted(names & set(WEIGHT_FILES) - weights)
+    if others:
+        raise CheckpointError(f"{dst} is another kind of checkpoint (it has {', '.join(others)}); "
+                              f"refusing to write a {'native' if kind == 'native' else 'Hugging Face'} "
+                              "checkpoint into it")
+    clash = sorted(names & _owned_files(kind))
+    if clash:
+        raise CheckpointError(f"{os.path.join(dst, clash[0])} exists and is not part of a checkpoint; "
+                              "refusing to replace it")
 
 
 def _require_files(path: str | os.PathLike, names: tuple[str, ...], kind: str) -> None:
@@ -209,35 +272,40 @@ def _copy_tokenizer(src: str | os.PathLike | None, dst: str) -> None:
         shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
-def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callable[[str], None]) -> list[str]:
-    """Run write(tmp_dir), then move tmp_dir to `path`; returns the names written."""
+def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callable[[str], None],
+                          owned: set[str]) -> list[str]:
+    """Run write(tmp_dir), then move its files into `path`; returns the names written.
+
+    A new directory is renamed into place whole. In an existing one only the files written are
+    replaced (config.json last, so a reader never pairs the old config with half the new files)
+    and those of `owned`, the names such a checkpoint can hold, that this write no longer has
+    (stale tokenizer or modeling files) are removed: nothing else in `path` is touched.
+    """
     path = os.path.abspath(path)
-    if os.path.lexists(path):
+    exists = os.path.lexists(path)
+    if exists:
         if not os.path.isdir(path):
             raise CheckpointError(f"{path} exists and is not a directory")
         if os.listdir(path) and not replace:
             raise CheckpointError(f"{path} already exists and is not empty; refusing to overwrite it "
                                   "without force")
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    # A sibling, so the final rename stays on one filesystem (atomic).
-    tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    # On the destination's filesystem, so that every rename is atomic.
+    tmp = os.path.join(path if exists else parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    if not exists:
+        os.makedirs(parent, exist_ok=True)
     os.mkdir(tmp)
     try:
         write(tmp)
         files = sorted(os.listdir(tmp))
-        if os.path.isdir(path):
-            old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old)
-        else:
+        if not exists:
             os.rename(tmp, path)
-    except BaseException:
+            return files
+        for f in sorted(files, key=lambda f: f == CONFIG_FILE):
+            os.replace(os.path.join(tmp, f), os.path.join(path, f))
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for stale in sorted(owned - set(files)):
+        if os.path.isfile(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
     return files

@@ -17,6 +17,7 @@ the remainder that does not fill a block is dropped.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
@@ -92,6 +93,8 @@ class DataSpec:
                 raise DataError(f"train_file {train_file!r}: unsupported extension {ext!r}; "
                                 f"expected one of {', '.join(sorted(_FILE_BUILDERS))}")
             files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
+            for split, path in files.items():
+                _check_local_file(f"{split}_file", path, ext)
             dataset = {"path": _FILE_BUILDERS[ext], "data_files": files}
             # run_clm's default: text files keep their line breaks.
             if dataset["path"] == "text":
@@ -289,6 +292,8 @@ def _load_hf(spec: DataSpec) -> dict:
     opts = dict(spec.options)
     path = opts.pop("path")
     what = f"dataset {path!r}" + (f" ({opts['name']})" if opts.get("name") else "")
+    if path in _FILE_BUILDERS.values() and spec.local_paths:
+        what = " and ".join(spec.local_paths)
     is_saved = os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
     needs_hub = not os.path.exists(path) and path not in _PACKAGED_DATASETS_MODULES
@@ -303,6 +308,8 @@ def _load_hf(spec: DataSpec) -> dict:
         else:
             loaded = datasets.load_dataset(path, cache_dir=spec.hf_cache_dir, **opts)
     except Exception as e:  # datasets raises many kinds; all mean the same to the user
+        # DatasetGenerationError says only "An error occurred"; its cause says which.
+        e = e.__cause__ or e if type(e).__name__.startswith("DatasetGeneration") else e
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"cannot load {what}: {type(e).__name__}: {first_line}") from e
     if isinstance(loaded, datasets.Dataset):
@@ -407,6 +414,31 @@ def open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None
     if n_blocks == 0:  # np.memmap cannot map an empty file
         return np.zeros((0, block_size), np.int32), None
     return np.memmap(base + ".bin", dtype=np.int32, mode="r", shape=(n_blocks, block_size)), None
+
+
+def _check_local_file(key: str, path: str, ext: str) -> None:
+    """A DataError naming `path` unless it is a readable, non-empty file whose start is UTF-8 text
+    (parquet aside); what lies further is checked as datasets reads it."""
+    if not os.path.exists(path):
+        raise DataError(f"config key '{key}': {path} does not exist")
+    if not os.path.isfile(path):
+        raise DataError(f"config key '{key}': {path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise DataError(f"config key '{key}': cannot read {path}: {e.strerror}") from None
+    if not head:
+        raise DataError(f"config key '{key}': {path} is empty")
+    if ext == "parquet":
+        return
+    if b"\0" in head:
+        raise DataError(f"config key '{key}': {path} is binary, not text (it holds NUL bytes)")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise DataError(f"config key '{key}': {path} is not UTF-8 text (byte {head[e.start]:#04x} at offset "
+                        f"{e.start}); convert it, e.g. iconv -t utf-8") from None
 
 
 def _data_file_paths(data_files) -> list[str]:

@@ -150,6 +150,20 @@ def _check(what: str, arrays: Mapping[str, Any], expected: Mapping[str, tuple[in
         raise ConversionError(what, missing, unexpected, mismatched, problems)
 
 
+def check_weights(arrays: Mapping[str, Any], what: str) -> None:
+    """Raise ConversionError naming every tensor that is not floating point or holds NaN/inf:
+    such weights would convert without complaint and produce garbage or NaN everywhere."""
+    problems = []
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":  # numpy's bfloat16 (ml_dtypes) is kind "V"
+            problems.append(f"{key} is {a.dtype}, not floating point")
+        elif not np.isfinite(a).all():
+            problems.append(f"{key} has {int(np.size(a) - np.isfinite(a).sum())} non-finite value(s) (NaN/inf)")
+    if problems:
+        raise ConversionError(what, problems=[_listing(problems)])
+
+
 def check_flax_params(flat: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     """Raise ConversionError unless the flat Flax params match the key table exactly."""
     _check(f"Flax params do not match a {cfg['model_type']} model",

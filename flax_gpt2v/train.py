@@ -49,11 +49,64 @@ DEFAULTS: dict[str, Any] = dict(
     mesh={"data": -1, "fsdp": 1, "tensor": 1}, distributed=None, export_hf=True, report_to=["tensorboard"],
     push_to_hub=False, hub_model_id=None, hub_private_repo=None, hub_strategy="every_save",
 )
+# One line per option for `train_jax.py --help` (its defaults come from DEFAULTS).
+OPTION_HELP = dict(
+    run_name="name of the run in the logs, TensorBoard and wandb",
+    output_dir="run directory (checkpoints/, best/, metrics.jsonl, tb/, the final model); rerun to resume",
+    per_device_train_batch_size="blocks per device in a micro-batch (alias batch_size)",
+    per_device_eval_batch_size="blocks per device in an evaluation batch (null: the training one)",
+    gradient_accumulation_steps="micro-batches summed into one optimizer step",
+    learning_rate="peak AdamW learning rate, >= 0",
+    num_train_epochs="epochs to train when max_steps is not set, > 0",
+    max_steps="optimizer steps to train; when > 0 it replaces num_train_epochs",
+    warmup_ratio="fraction of the steps with a linear warmup, in [0, 1] (when warmup_steps is 0)",
+    warmup_steps="warmup steps when > 0 (instead of warmup_ratio); at most the run's steps",
+    weight_decay="AdamW decoupled weight decay, >= 0",
+    lr_scheduler_type=f"learning rate after warmup: {', '.join(SCHEDULES)}",
+    adam_beta1="AdamW beta1, in [0, 1)",
+    adam_beta2="AdamW beta2, in [0, 1)",
+    adam_epsilon="AdamW epsilon, > 0",
+    max_grad_norm="clip the global gradient norm to this, > 0",
+    bf16="compute in bfloat16 (parameters and optimizer state stay float32)",
+    gradient_checkpointing="recompute activations in the backward pass to save memory",
+    block_size="tokens per block (alias max_seq_length; null: 1024, 512 for duo-predict, at most n_positions)",
+    remat_policy="what gradient checkpointing keeps: dots (matmul outputs) or full (nothing)",
+    scan_layers="run the layers as one lax.scan (compile time flat in depth)",
+    attention_implementation=f"attention kernel: {', '.join(ATTENTION_IMPLEMENTATIONS)}",
+    logging_steps="write training metrics every N steps",
+    eval_steps="evaluate on the validation blocks every N steps (and keep the best in best/)",
+    save_steps="write a checkpoint every N steps",
+    save_total_limit="keep the last N checkpoints (null: all)",
+    early_stopping_patience="stop after N evaluations without improvement (null: never)",
+    early_stopping_threshold="smallest eval loss decrease that counts as an improvement",
+    seed="seed of the initialization and dropout (and of the batch order without data_seed)",
+    data_seed="seed of the batch order (null: seed)",
+    mesh="devices per mesh axis: data, fsdp, tensor (-1: the devices left)",
+    distributed="multi-host: {coordinator_address, num_processes, process_id} (null: JAX_* environment)",
+    export_hf="write a Hugging Face export to output_dir/hf at the end",
+    report_to="loggers: tensorboard, wandb, all, none",
+)
 ALIASES = {"batch_size": "per_device_train_batch_size", "max_seq_length": "block_size"}
 # Read by the data pipeline (prepare_data gets the whole training config).
 DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "model_name_or_path", "model_name",
              "max_train_samples", "max_eval_samples", "validation_split_percentage", "cache_dir",
              "preprocessing_num_workers", "streaming"}
+# For `train_jax.py --help`: (default, meaning) of each data key.
+DATA_HELP = dict(
+    dataset=("null: the embedded corpus", "a Hugging Face dataset: a name or {path, name, ...}; "
+             "{source: tfds, name} for TFDS"),
+    train_file=("null", "local training text (.txt, .json, .jsonl, .csv, .parquet) instead of dataset"),
+    validation_file=("null", "local validation text (with train_file)"),
+    validation_split_percentage=(5, "percent of the training split used for validation when none is given"),
+    tokenizer_name=("gpt2-medium", "tokenizer to load; bpe: train a byte-level BPE on the training text"),
+    model_name_or_path=("null", "GPT-2 preset (gpt2, gpt2-medium, ...) whose sizes the model takes"),
+    model_name=("null", "same as model_name_or_path"),
+    max_train_samples=("null: all", "use the first N training blocks"),
+    max_eval_samples=("null: all", "use the first N validation blocks"),
+    cache_dir=("null", "where Hugging Face keeps downloads (tokenized blocks: ~/.cache/flax_gpt2v)"),
+    preprocessing_num_workers=("null", "accepted for the original's files"),
+    streaming=("null", "accepted for the original's files"),
+)
 # Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
 # hub_token is read by hub.HubPush and kept out of Options, so that no file ever holds it.
 IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token"}
@@ -186,6 +239,18 @@ def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> O
                           f"{', '.join(ATTENTION_IMPLEMENTATIONS)}, got {values['attention_implementation']!r}")
     if not 0.0 <= values["warmup_ratio"] <= 1.0:
         raise ConfigError(f"config key 'warmup_ratio': must be in [0, 1], got {values['warmup_ratio']}")
+    for key, ok, want in (("learning_rate", lambda v: v >= 0, ">= 0"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+                          ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+                          ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                          ("adam_epsilon", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"),
+                          ("warmup_steps", lambda v: v >= 0, ">= 0")):
+        if not ok(values[key]):  # also false for NaN
+            raise ConfigError(f"config key '{key}': must be {want}, got {values[key]!r}")
+    if 0 < values["max_steps"] < values["warmup_steps"]:
+        raise ConfigError(f"config key 'warmup_steps': {values['warmup_steps']} is longer than the run "
+                          f"(max_steps {values['max_steps']})")
+    if os.path.exists(values["output_dir"]) and not os.path.isdir(values["output_dir"]):
+        raise ConfigError(f"config key 'output_dir': {values['output_dir']} is a file, not a directory")
     if values["max_steps"] <= 0 and values["num_train_epochs"] <= 0:
         raise ConfigError("config key 'num_train_epochs': must be > 0 when max_steps is not set")
     if values["block_size"] is None:
@@ -429,8 +494,10 @@ def _check_output_dir(opts: Options, model_cfg: dict) -> bool:
     resuming = os.path.isdir(os.path.join(out, CHECKPOINTS)) and bool(os.listdir(os.path.join(out, CHECKPOINTS)))
     saved = os.path.join(out, "run_config.json")
     if resuming and os.path.exists(saved):
-        with open(saved) as f:
-            before = json.load(f)["model"]
+        before = read_json(saved).get("model")
+        if not isinstance(before, dict):
+            raise ConfigError(f"{saved} has no 'model' object, so it was not written by this trainer; "
+                              "restore it or use another output_dir")
         changed = sorted(k for k in set(before) | set(model_cfg) if before.get(k) != model_cfg.get(k))
         if changed:
             raise ConfigError(f"config key '{changed[0]}': differs from the run in {out} being resumed "
@@ -493,6 +560,8 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     batches = data.BatchSchedule(num_blocks, batch_size, opts.seed if opts.data_seed is None else opts.data_seed,
                                  jax.process_index(), jax.process_count())
     total = opts.max_steps if opts.max_steps > 0 else math.ceil(opts.num_train_epochs * batches.steps_per_epoch)
+    if opts.warmup_steps > total:  # max_steps was checked in resolve_options; the epochs' steps are known here
+        raise ConfigError(f"config key 'warmup_steps': {opts.warmup_steps} is longer than the run ({total} steps)")
     warmup = opts.warmup_steps if opts.warmup_steps > 0 else math.ceil(opts.warmup_ratio * total)
     schedule = lr_schedule(opts.lr_scheduler_type, opts.learning_rate, warmup, total)
     tx = adamw(schedule, opts.weight_decay, opts.adam_beta1, opts.adam_beta2, opts.adam_epsilon, opts.max_grad_norm)

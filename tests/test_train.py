@@ -301,7 +301,7 @@ def test_sigkill_and_resume_is_exact(model_type, tmp_path):
 
 def test_resume_from_an_unreadable_checkpoint_is_one_line_error(tmp_path):
     out = tmp_path / "run"
-    tr.train(tiny_config("gpt2", out, max_steps=2, save_steps=2), prepared=corpus(), log=lambda m: None)
+    tr.train(tiny_config("gpt2", out, max_steps=2, save_steps=2, warmup_steps=1), prepared=corpus(), log=lambda m: None)
     for f in (out / "checkpoints" / "2" / "state").rglob("*"):
         if f.is_file() and f.name != "_CHECKPOINT_METADATA":
             f.write_bytes(b"not a checkpoint")
@@ -314,6 +314,6 @@ def test_resume_from_an_unreadable_checkpoint_is_one_line_error(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     out = tmp_path / "run"
-    tr.train(tiny_config("gpt2", out, max_steps=2, save_steps=2), prepared=corpus(), log=lambda m: None)
+    tr.train(tiny_config("gpt2", out, max_steps=2, save_steps=2, warmup_steps=1), prepared=corpus(), log=lambda m: None)
     with pytest.raises(ConfigError, match="'n_embd'"):
         tr.train(tiny_config("gpt2", out, max_steps=4, n_embd=64), prepared=corpus(), log=lambda m: None)

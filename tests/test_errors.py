@@ -1,0 +1,362 @@
+"""The error contract of every command (README "Errors") and the converters' destination rules.
+
+Each case runs the command (its main() in-process where cheap, the script itself where the
+process matters) and checks: exit status 2, exactly one stderr line `error: ...` naming the key
+or file, and every file that existed before unchanged (hashed before and after).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import eval_jax
+import train_jax
+from flax_gpt2v import train as tr
+from flax_gpt2v.benchmark import main as benchmark_main
+from flax_gpt2v.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native, save_native
+from helpers import perturbed_lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# No progress bars (they go to stderr) and never the network.
+QUIET = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+         "JAX_PLATFORMS": "cpu"}
+
+
+def load_script(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+TO_TORCH, FROM_TORCH = load_script("convert/to_torch.py"), load_script("convert/from_torch.py")
+
+
+def tree(root) -> dict:
+    """{relative path: sha256 of the file, or 'dir'} of everything under root but the data cache
+    (write_config's cache_dir, which a run may fill before it fails)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [n for n in dirs if not (d == str(root) and n == "cache")]
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), root)] = "dir"
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def one_error_line(err: str, *names: str, progress: bool = False) -> str:
+    """The error line; with progress, the progress bars of data preparation may precede it (in-process
+    they cannot be turned off; the subprocess tests turn them off and see one line)."""
+    lines = err.replace("\r", "\n").splitlines()
+    if progress:
+        before = "\n".join(lines[:-1])
+        assert not any(w in before for w in ("Traceback", "error", "Error")), err
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def fails_cleanly(capsys, root, main, argv, *names, progress=False) -> str:
+    """main(argv) exits 2 with one `error:` line naming `names`, and nothing under root (a directory
+    or a list of them) changes."""
+    roots = root if isinstance(root, list) else [root]
+    before = [tree(r) for r in roots]
+    assert main([str(a) for a in argv]) == 2
+    line = one_error_line(capsys.readouterr().err, *names, progress=progress)
+    assert [tree(r) for r in roots] == before
+    return line
+
+
+def script_fails_cleanly(root, script, argv, *names, env=QUIET) -> str:
+    before = tree(root)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)], capture_output=True,
+                       text=True, cwd=ROOT, env=env)
+    assert p.returncode == 2, p.stderr[-3000:]
+    line = one_error_line(p.stderr, *names)
+    assert tree(root) == before
+    return line
+
+
+# ---------------------------------------------------------------- converters
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """A small native checkpoint with tokenizer files."""
+    path = tmp_path_factory.mktemp("src") / "native"
+    perturbed_lm("dd-both").save(path)
+    for name, text in (("vocab.json", '{"a": 0}'), ("merges.txt", "#version: 0.2\n")):
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def orbax_dir(tmp_path_factory):
+    """A real Orbax CheckpointManager directory, as the trainer writes it."""
+    import orbax.checkpoint as ocp
+    path = tmp_path_factory.mktemp("orbax") / "checkpoints"
+    with ocp.CheckpointManager(str(path)) as manager:
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.ones(3, np.float32)})))
+        manager.wait_until_finished()
+    return path
+
+
+def test_force_replaces_only_the_converters_files(native, tmp_path, capsys):
+    dst = tmp_path / "hf"
+    assert TO_TORCH([str(native), str(dst)]) == 0
+    assert (dst / "modeling_dd_gpt2.py").exists()
+    # The user's own files beside the export, and a directory.
+    (dst / "README.md").write_text("my notes")
+    (dst / "eval").mkdir()
+    (dst / "eval" / "results.json").write_text("{}")
+    theirs = {k: v for k, v in tree(dst).items() if k in ("README.md", "eval", "eval/results.json")}
+
+    # A gpt2 export replaces the dd one: its modeling file is stale (the converter's own file), removed.
+    gpt2 = tmp_path / "gpt2-native"
+    perturbed_lm("gpt2").save(gpt2)
+    assert TO_TORCH([str(gpt2), str(dst), "--force", "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    after = tree(dst)
+    assert {k: after.get(k) for k in theirs} == theirs
+    assert not (dst / "modeling_dd_gpt2.py").exists() and not (dst / "vocab.json").exists()
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "gpt2"
+    assert not [n for n in os.listdir(dst) if n.startswith(".")]  # no temporary directory left
+    assert is_hf(dst)
+
+    back = tmp_path / "back"
+    assert FROM_TORCH([str(dst), str(back)]) == 0
+    (back / "notes.txt").write_text("keep me")
+    assert FROM_TORCH([str(dst), str(back), "--force"]) == 0
+    assert (back / "notes.txt").read_text() == "keep me" and is_native(back)
+
+
+def make_run(root):
+    """A training run's directory: run_config.json, checkpoints/, best/, hf/ and the final model."""
+    run = root / "run"
+    perturbed_lm("gpt2").save(run)
+    perturbed_lm("gpt2", seed=1).save(run / "best")
+    export_hf(run / "best", run / "hf")
+    (run / "run_config.json").write_text(json.dumps({"model": {}, "train": {}}))
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    return run
+
+
+def test_converters_refuse_a_training_run_and_its_insides(tmp_path, capsys):
+    run = make_run(tmp_path)
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [run / "best", run, "--force"], run / "best", "inside the destination")
+    fails_cleanly(capsys, tmp_path, FROM_TORCH, [run / "hf", run, "--force"], run / "hf", "inside the destination")
+    # The run as destination of another model, and a directory inside it.
+    other = tmp_path / "other"
+    perturbed_lm("gpt2", seed=2).save(other)
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [other, run / "hf", "--force"], "inside the training run")
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [other, run / "new", "--force"], "inside the training run")
+    (run / "run_config.json").unlink()  # checkpoints/ alone marks a run too
+    hf = tmp_path / "hf-elsewhere"
+    assert TO_TORCH([str(other), str(hf)]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, tmp_path, FROM_TORCH, [hf, run, "--force"], run, "training run", "checkpoints")
+
+
+def test_converters_refuse_source_and_other_checkpoints(native, orbax_dir, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert TO_TORCH([str(native), str(hf)]) == 0
+    capsys.readouterr()
+    cases = [
+        (TO_TORCH, [native, native, "--force"], "same directory"),
+        (TO_TORCH, [native, native / "hf", "--force"], "inside the source"),
+        (TO_TORCH, [native, tmp_path.parent, "--force"], "inside the destination"),
+        # Over a checkpoint of the other kind: a native one, an HF one.
+        (TO_TORCH, [native, tmp_path / "native-copy", "--force"], "another kind of checkpoint"),
+        (FROM_TORCH, [hf, tmp_path / "hf-dst", "--force"], "another kind of checkpoint"),
+        (TO_TORCH, [native, tmp_path / "bin", "--force"], "pytorch_model.bin"),
+        (TO_TORCH, [native, orbax_dir, "--force"], "Orbax checkpoint"),
+        (TO_TORCH, [native, orbax_dir / "1" / "state", "--force"], "inside the Orbax checkpoint"),
+        # Files the converter would write, but not a checkpoint's.
+        (FROM_TORCH, [hf, tmp_path / "project", "--force"], "config.json"),
+    ]
+    perturbed_lm("gpt2").save(tmp_path / "native-copy")
+    assert TO_TORCH([str(native), str(tmp_path / "hf-dst")]) == 0
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"weights")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text('{"mine": 1}')
+    capsys.readouterr()
+    for main, argv, message in cases:
+        fails_cleanly(capsys, [tmp_path, native, orbax_dir], main, argv, message)
+
+
+def test_export_refuses_non_finite_and_non_float_weights(tmp_path, capsys):
+    for name, bad in (("nan", np.nan), ("inf", np.inf)):
+        src = tmp_path / name
+        lm = perturbed_lm("gpt2")
+        lm.params["transformer"]["h"]["1"]["mlp"]["c_fc"]["bias"][3] = bad
+        lm.save(src)
+        fails_cleanly(capsys, tmp_path, TO_TORCH, [src, tmp_path / f"{name}-hf"], "transformer/h/1/mlp/c_fc/bias",
+                      "non-finite")
+    src = tmp_path / "int"
+    perturbed_lm("gpt2").save(src)
+    weights = safetensors.numpy.load_file(src / NATIVE_WEIGHTS)
+    weights["transformer/wpe/embedding"] = weights["transformer/wpe/embedding"].astype(np.int32)
+    safetensors.numpy.save_file(weights, src / NATIVE_WEIGHTS)
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [src, tmp_path / "int-hf"], "transformer/wpe/embedding", "int32")
+
+
+def test_converter_usage_and_filesystem_errors(native, tmp_path, capsys):
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [], "required: src, dst")
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [tmp_path / "missing", tmp_path / "out"], tmp_path / "missing")
+    (tmp_path / "a-file").write_text("x")
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [native, tmp_path / "a-file", "--force"], tmp_path / "a-file")
+    fails_cleanly(capsys, tmp_path, TO_TORCH, [native, tmp_path / "a-file" / "hf"], tmp_path / "a-file")
+
+
+# ---------------------------------------------------------------- train_jax.py
+
+def write_config(tmp_path, **keys) -> str:
+    cfg = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64, "block_size": 32,
+           "per_device_train_batch_size": 2, "max_steps": 2, "bf16": False, "gradient_checkpointing": False,
+           "export_hf": False, "report_to": "none", "tokenizer_name": "bpe", "cache_dir": str(tmp_path / "cache"),
+           "output_dir": str(tmp_path / "run"), **keys}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def text_file(tmp_path, name="train.txt"):
+    path = tmp_path / name
+    with open(os.path.join(ROOT, "README.md")) as f:
+        path.write_text(f.read())
+    return path
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", -1, ">= 0"),
+    ("learning_rate", "NaN", ">= 0"),
+    ("adam_beta1", 1.0, "in [0, 1)"),
+    ("adam_beta2", -0.1, "in [0, 1)"),
+    ("adam_epsilon", 0, "> 0"),
+    ("weight_decay", -0.01, ">= 0"),
+    ("max_grad_norm", 0, "> 0"),
+    ("warmup_steps", 3, "longer than the run (max_steps 2)"),
+])
+def test_trainer_ranges(key, value, message, tmp_path, capsys):
+    config = write_config(tmp_path)
+    line = fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", config, f"--{key}", value], f"'{key}'",
+                         message)
+    assert not (tmp_path / "run").exists(), line
+
+
+def test_warmup_longer_than_an_epoch_based_run(tmp_path, capsys):
+    config = write_config(tmp_path, train_file=str(text_file(tmp_path)), max_steps=-1, num_train_epochs=1,
+                          warmup_steps=10 ** 6)
+    assert train_jax.main(["--config", config]) == 2
+    one_error_line(capsys.readouterr().err, "'warmup_steps'", "longer than the run", progress=True)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "latin-1", "extension", "directory"])
+def test_trainer_data_errors_name_the_file(case, tmp_path, capsys):
+    path = tmp_path / ("train.docx" if case == "extension" else "train.txt")
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "binary":
+        path.write_bytes(b"PK\x03\x04\x00\x00" * 100)
+    elif case == "latin-1":
+        path.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)
+    elif case == "extension":
+        path.write_text("text")
+    elif case == "directory":
+        path.mkdir()
+    config = write_config(tmp_path, train_file=str(path))
+    fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", config], "train_file", path)
+
+
+def test_trainer_data_errors_as_a_process(tmp_path):
+    # The real script: too small a file (read, tokenized, then found short) and an offline dataset.
+    small = tmp_path / "small.txt"
+    small.write_text("hello world\n")
+    script_fails_cleanly(tmp_path, "train_jax.py", ["--config", write_config(tmp_path, train_file=str(small))],
+                         small, "fewer tokens than one block")
+    config = write_config(tmp_path, dataset={"path": "flax-gpt2v-tests/no-such-dataset"})
+    script_fails_cleanly(tmp_path, "train_jax.py", ["--config", config], "flax-gpt2v-tests/no-such-dataset")
+
+
+def test_trainer_output_dir_problems(tmp_path, capsys):
+    train = text_file(tmp_path)
+    (tmp_path / "a-file").write_text("not a directory")
+    fails_cleanly(capsys, tmp_path, train_jax.main,
+                  ["--config", write_config(tmp_path, train_file=str(train), output_dir=str(tmp_path / "a-file"))],
+                  "'output_dir'", tmp_path / "a-file")
+    # A run whose run_config.json is junk: not resumed, not overwritten.
+    for junk in ("{not json", "[1, 2]"):
+        run = tmp_path / "run"
+        (run / "checkpoints" / "2").mkdir(parents=True, exist_ok=True)
+        (run / "run_config.json").write_text(junk)
+        fails_cleanly(capsys, tmp_path, train_jax.main,
+                      ["--config", write_config(tmp_path, train_file=str(train))], run / "run_config.json",
+                      progress=True)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only directories")
+def test_trainer_read_only_output_dir(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        config = write_config(tmp_path, train_file=str(text_file(tmp_path)), output_dir=str(ro / "run"))
+        fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", config], ro / "run", progress=True)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_train_help_lists_every_option_once(capsys):
+    assert set(tr.OPTION_HELP) == set(tr.DEFAULTS) and set(tr.DATA_HELP) == set(tr.DATA_KEYS)
+    assert train_jax.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for key, default in tr.DEFAULTS.items():
+        assert out.count(f"  --{key} ") == 1, key
+        assert f"  --{key} {json.dumps(default)}\n      {tr.OPTION_HELP[key]}" in out
+    for key in tr.DATA_KEYS:
+        assert out.count(f"  --{key} ") == 1, key
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--help"], capture_output=True,
+                       text=True, cwd=ROOT, env=QUIET)
+    assert p.returncode == 0 and p.stdout.strip() == out.strip()
+
+
+# ---------------------------------------------------------------- eval_jax.py, benchmark.py
+
+def test_eval_on_a_checkpoint_whose_keys_do_not_match(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    perturbed_lm("gpt2").save(ck)
+    weights = safetensors.numpy.load_file(ck / NATIVE_WEIGHTS)
+    del weights["transformer/h/1/ln_2/bias"]
+    safetensors.numpy.save_file(weights, ck / NATIVE_WEIGHTS)
+    fails_cleanly(capsys, tmp_path, eval_jax.main, ["--checkpoint", ck, "--generate", "a"],
+                  "transformer/h/1/ln_2/bias")
+    # A config that says three layers where the weights hold two.
+    perturbed_lm("gpt2").save(ck, overwrite=True)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    fails_cleanly(capsys, tmp_path, eval_jax.main, ["--checkpoint", ck, "--generate", "a"], "transformer/h/2/")
+
+
+def test_eval_and_benchmark_filesystem_errors_as_processes(tmp_path):
+    script_fails_cleanly(tmp_path, "eval_jax.py", ["--compare", tmp_path / "no-run"], tmp_path / "no-run")
+    script_fails_cleanly(tmp_path, "benchmark.py", ["--config", tmp_path / "missing.json"], "missing.json")
+    script_fails_cleanly(tmp_path, "convert/from_torch.py", [tmp_path / "missing", tmp_path / "out"],
+                         tmp_path / "missing")
+
+
+def test_benchmark_usage_error_is_one_line(tmp_path, capsys):
+    fails_cleanly(capsys, tmp_path, benchmark_main, ["--config", "dd-both", "--batch", "0"], "--batch")

@@ -80,7 +80,7 @@ HF_MUST_BE = {
 # Keys of the original's experiment files (and of our train configs). They do not
 # describe the model; `split_config` hands them to the trainer.
 TRAINING_KEYS = {
-    "run_name", "dataset", "model_name_or_path", "model_name", "tokenizer_name",
+    "run_name", "dataset", "model_name_or_path", "config_name", "model_name", "tokenizer_name",
     "per_device_train_batch_size", "per_device_eval_batch_size", "batch_size",
     "learning_rate", "num_train_epochs", "warmup_ratio", "warmup_steps", "weight_decay",
     "lr_scheduler_type", "block_size", "max_seq_length", "bf16", "fp16", "eval_steps",
@@ -132,7 +132,11 @@ def split_config(src: Mapping[str, Any] | str | os.PathLike) -> tuple[dict, dict
     """(model config, training keys) from a dict or JSON file; model config validated."""
     raw = dict(src) if isinstance(src, Mapping) else read_json(src)
     train = {k: raw.pop(k) for k in list(raw) if k in TRAINING_KEYS}
-    preset = train.get("model_name_or_path", train.get("model_name"))
+    # run_clm's meaning: config_name names the sizes of a model trained from scratch;
+    # model_name_or_path (flax_gpt2v.pretrained) is a checkpoint to start from.
+    preset = train.get("config_name")
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise _err("config_name", f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     return _normalize(raw, preset, train), train
 
 
@@ -149,8 +153,8 @@ def _normalize(raw: dict, preset: str | None, train: dict) -> dict:
         raise _err("rotatinghead", f"only applies to rotating-head-gpt2, not {model_type}")
 
     cfg = dict(BASE_DEFAULTS)
-    if isinstance(preset, str) and os.path.basename(preset.rstrip("/")) in PRESETS:
-        cfg.update(PRESETS[os.path.basename(preset.rstrip("/"))])
+    if preset is not None:
+        cfg.update(PRESETS[preset])
     cfg.update(VARIANT_DEFAULTS[model_type])
     known = set(cfg) | HF_PASSTHROUGH | set(HF_MUST_BE)
     for key, value in raw.items():

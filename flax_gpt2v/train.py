@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import checkpoint, ops, reporting, sharding
+from . import checkpoint, ops, pretrained, reporting, sharding
 from .config import TRAINING_KEYS, ConfigError, read_json, split_config
 from .hub import HubPush
 from .keymap import num_params as count_params
@@ -109,7 +109,7 @@ DATA_HELP = dict(
 )
 # Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
 # hub_token is read by hub.HubPush and kept out of Options, so that no file ever holds it.
-IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token"}
+IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token", "config_name"}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
 # Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
 LOGIT_CHUNK_TOKENS = 8192
@@ -268,8 +268,11 @@ def load_run_config(config: Mapping[str, Any] | str | os.PathLike,
     """(model-key dict as written, validated model config, options, raw training keys)."""
     raw = dict(config) if isinstance(config, Mapping) else read_json(config)
     raw = apply_overrides(raw, overrides or {})
-    model_cfg, train = split_config(raw)
     model_raw = {k: v for k, v in raw.items() if k not in TRAINING_KEYS}
+    train = {k: v for k, v in raw.items() if k in TRAINING_KEYS}
+    if train.get("model_name_or_path"):
+        model_raw, train = pretrained.merge_config(model_raw, train)
+    model_cfg = split_config({**model_raw, **train})[0]
     return model_raw, model_cfg, resolve_options(train, model_cfg), train
 
 
@@ -600,6 +603,9 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
         state, meta = restored["state"], restored["meta"]
         start = int(jax.device_get(state["step"]))
         log(f"resumed from {opts.output_dir}/{CHECKPOINTS} at step {start}")
+    elif train_keys.get("model_name_or_path"):  # a resumed run continues from its own checkpoints instead
+        state["params"] = pretrained.place(pretrained.initial_params(
+            train_keys, model_cfg, host_params(state["params"]), opts.seed, log), state_shardings["params"])
 
     metrics_log = MetricsLog(opts, start, run_config, log)
     log(f"{model_cfg['model_type']}: {num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "

@@ -88,8 +88,8 @@ OPTION_HELP = dict(
 )
 ALIASES = {"batch_size": "per_device_train_batch_size", "max_seq_length": "block_size"}
 # Read by the data pipeline (prepare_data gets the whole training config).
-DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "model_name_or_path", "model_name",
-             "max_train_samples", "max_eval_samples", "validation_split_percentage", "cache_dir",
+DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "model_name_or_path", "config_name",
+             "model_name", "max_train_samples", "max_eval_samples", "validation_split_percentage", "cache_dir",
              "preprocessing_num_workers", "streaming"}
 # For `train_jax.py --help`: (default, meaning) of each data key.
 DATA_HELP = dict(
@@ -99,8 +99,11 @@ DATA_HELP = dict(
     validation_file=("null", "local validation text (with train_file)"),
     validation_split_percentage=(5, "percent of the training split used for validation when none is given"),
     tokenizer_name=("gpt2-medium", "tokenizer to load; bpe: train a byte-level BPE on the training text"),
-    model_name_or_path=("null", "GPT-2 preset (gpt2, gpt2-medium, ...) whose sizes the model takes"),
-    model_name=("null", "same as model_name_or_path"),
+    model_name_or_path=("null: from scratch", "checkpoint to start from: a local directory (native or HF) or a Hub "
+                        "id; its sizes and, without tokenizer_name, its tokenizer (README: Start from GPT-2)"),
+    config_name=("null: gpt2-medium", "size preset of a model trained from scratch: gpt2, gpt2-medium, gpt2-large, "
+                 "gpt2-xl"),
+    model_name=("null", "the original's name of the model; not read"),
     max_train_samples=("null: all", "use the first N training blocks"),
     max_eval_samples=("null: all", "use the first N validation blocks"),
     cache_dir=("null", "where Hugging Face keeps downloads (tokenized blocks: ~/.cache/flax_gpt2v)"),
@@ -109,7 +112,7 @@ DATA_HELP = dict(
 )
 # Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
 # hub_token is read by hub.HubPush and kept out of Options, so that no file ever holds it.
-IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token", "config_name"}
+IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token"}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
 # Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
 LOGIT_CHUNK_TOKENS = 8192

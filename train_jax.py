@@ -19,7 +19,7 @@ def help_text() -> str:
     return "\n".join([
         f"usage: python train_jax.py --config FILE [--KEY VALUE ...]\n\n{__doc__.split(chr(10), 1)[1].strip()}",
         "\ntrainer options (--KEY DEFAULT, then what it does):",
-        *rows((k, json.dumps(v), OPTION_HELP[k]) for k, v in DEFAULTS.items()),
+        *rows((k, json.dumps(DEFAULTS.get(k)), meaning) for k, meaning in OPTION_HELP.items()),
         "\ndata options:",
         *rows((k, default, meaning) for k, (default, meaning) in DATA_HELP.items()),
         "\naliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()),

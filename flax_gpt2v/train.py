@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = dict(
     mesh={"data": -1, "fsdp": 1, "tensor": 1}, distributed=None, export_hf=True, report_to=["tensorboard"],
     push_to_hub=False, hub_model_id=None, hub_private_repo=None, hub_strategy="every_save",
 )
-# One line per option for `train_jax.py --help` (its defaults come from DEFAULTS).
+# One line per option for `train_jax.py --help` (defaults from DEFAULTS; hub_token has none there).
 OPTION_HELP = dict(
     run_name="name of the run in the logs, TensorBoard and wandb",
     output_dir="run directory (checkpoints/, best/, metrics.jsonl, tb/, the final model); rerun to resume",
@@ -85,6 +85,11 @@ OPTION_HELP = dict(
     distributed="multi-host: {coordinator_address, num_processes, process_id} (null: JAX_* environment)",
     export_hf="write a Hugging Face export to output_dir/hf at the end",
     report_to="loggers: tensorboard, wandb, all, none",
+    push_to_hub="upload the HF export to the Hub at each save and at the end (flax_gpt2v/hub.py)",
+    hub_model_id="Hub repo to push to (null: the output_dir's name under the token's user)",
+    hub_private_repo="create the Hub repo private (null: the Hub's default)",
+    hub_strategy="what is pushed: every_save, end, all_checkpoints (each save to checkpoint-<step>/)",
+    hub_token="Hub token (null: HF_TOKEN or `hf auth login`); never written to a file",
 )
 ALIASES = {"batch_size": "per_device_train_batch_size", "max_seq_length": "block_size"}
 # Read by the data pipeline (prepare_data gets the whole training config).

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint, data
-from .config import ConfigError, read_json
+from .config import VARIANT_DEFAULTS, ConfigError, read_json
 from .lm import LM, load
 from .tokenizer import Tokenizer, load_tokenizer
 from .train import SUMMARY, eval_metrics, make_eval_step
@@ -242,9 +242,40 @@ def count_params(run_dir: str) -> int | None:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
-def run_name(run_dir: str) -> str:
-    run = find_run_config(run_dir) if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else None
-    return ((run or {}).get("train", {}).get("run_name")) or os.path.basename(os.path.normpath(run_dir))
+def describe_variant(cfg: dict | None) -> str | None:
+    """model_type plus the variant keys that differ from its defaults, e.g. `dd-gpt2 (apply_diffusion=False)`."""
+    if not cfg or "model_type" not in cfg:
+        return None
+    defaults = VARIANT_DEFAULTS.get(cfg["model_type"], {})
+    changed = [f"{k}={cfg[k]}" for k in defaults
+               if k not in ("n_positions", "mask_token_id") and k in cfg and cfg[k] != defaults[k]]
+    return cfg["model_type"] + (f" ({', '.join(changed)})" if changed else "")
+
+
+def describe_data(data: dict | None) -> str | None:
+    """The training data a run's data keys name (run_config.json), with the part of the train split used
+    (SPEC 9), so that a run on other data never reads as the original's experiment:
+    `wikitext-103-raw-v1 (train[1%:])`, `local: a.txt`."""
+    if data is None:
+        return None
+    files = data.get("train_files") or ([data["train_file"]] if data.get("train_file") else [])
+    dataset = {"path": data["dataset"]} if isinstance(data.get("dataset"), str) else data.get("dataset") or {}
+    if files:
+        text = "local: " + ", ".join(os.path.basename(str(f)) for f in files)
+        if data.get("validation_file"):
+            text += f", validation {os.path.basename(str(data['validation_file']))}"
+    elif dataset.get("data_files"):  # a packaged builder (text, json, ...) over local files
+        paths = dataset["data_files"].values() if isinstance(dataset["data_files"], dict) else [dataset["data_files"]]
+        text = "local: " + ", ".join(os.path.basename(str(p)) for p in paths)
+    elif dataset:
+        text = ("tfds: " if dataset.get("source") == "tfds" else "") + str(dataset.get("name") or dataset.get("path"))
+    else:
+        text = "embedded: CPython documentation"
+    if data.get("max_train_samples"):
+        return f"{text} (train[:{data['max_train_samples']}])"
+    if data.get("validation_split_percentage") and not data.get("validation_file"):
+        return f"{text} (train[{data['validation_split_percentage']}%:])"
+    return text
 
 
 def summarize_run(run_dir: str) -> dict:
@@ -255,7 +286,10 @@ def summarize_run(run_dir: str) -> dict:
     if os.path.isfile(summary_file):
         with open(summary_file) as f:
             tps = json.load(f).get("tokens_per_s")
-    row = {"run": run_name(run_dir), "dir": run_dir, "params": count_params(run_dir),
+    run = (find_run_config(run_dir) if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else None) or {}
+    row = {"run": run.get("train", {}).get("run_name") or os.path.basename(os.path.normpath(run_dir)),
+           "dir": run_dir, "params": count_params(run_dir),
+           "model_type": describe_variant(run.get("model")), "data": describe_data(run.get("data")),
            "steps": max((r["step"] for r in records), default=None), "tokens_per_s": tps,
            "evals": [(r["step"], r.get("eval_perplexity"), r.get("eval_accuracy")) for r in evals]}
     if evals:
@@ -278,45 +312,51 @@ def _labels(rows: list[dict]) -> list[str]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["run", "params", "steps", "best eval loss (step)", "final eval loss", "final perplexity",
-            "final accuracy", "tokens/s"]
+    head = ["run", "model_type", "data", "params", "steps", "best eval loss (step)", "final eval loss",
+            "final perplexity", "final accuracy", "tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in zip(_labels(rows), rows):
         params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
         best = "-" if r.get("best_eval_loss") is None else f"{r['best_eval_loss']:.4f} ({r['best_step']})"
-        cells = [label, params, _fmt(r["steps"], "d"), best, _fmt(r.get("final_eval_loss"), ".4f"),
-                 _fmt(r.get("final_perplexity"), ".2f"), _fmt(r.get("final_accuracy"), ".4f"),
-                 _fmt(r["tokens_per_s"], ".0f")]
+        cells = [label, r["model_type"] or "-", r["data"] or "-", params, _fmt(r["steps"], "d"), best,
+                 _fmt(r.get("final_eval_loss"), ".4f"), _fmt(r.get("final_perplexity"), ".2f"),
+                 _fmt(r.get("final_accuracy"), ".4f"), _fmt(r["tokens_per_s"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_runs(rows: list[dict], plot_dir: str) -> list[str]:
-    """eval_perplexity.png and eval_accuracy.png: one line per run against the step."""
+    """eval_perplexity.png and eval_accuracy.png: one line per run against the step, each legend entry
+    naming the run, its variant and its data; the title names the data when all runs share it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(plot_dir, exist_ok=True)
-    labels = _labels(rows)
+    labels = [" | ".join((label, r["model_type"] or "model_type unknown", r["data"] or "data unknown"))
+              for label, r in zip(_labels(rows), rows)]
+    known = {r["data"] for r in rows if r["data"]}
+    on = ("(runs on different data: not comparable)" if len(known) > 1 else
+          f"on {known.pop()}" if known and all(r["data"] for r in rows) else "")
     written = []
     for index, name, ylabel, log_y in ((1, "eval_perplexity", "eval perplexity", True),
                                        (2, "eval_accuracy", "eval next-token accuracy", False)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5))
         for label, r in zip(labels, rows):
             pts = [(e[0], e[index]) for e in r["evals"] if e[index] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+        ax.set_title(f"{ylabel[0].upper()}{ylabel[1:]} {on}".strip(), fontsize="medium")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if log_y and ax.has_data():
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         if ax.has_data():
-            ax.legend()
-        fig.tight_layout()
+            ax.legend(title="run | model_type | data", fontsize="small", loc="upper center",
+                      bbox_to_anchor=(0.5, -0.14))
         path = os.path.join(plot_dir, f"{name}.png")
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" keeps the legend below the axes
         plt.close(fig)
         written.append(path)
     return written

@@ -17,6 +17,7 @@ from helpers import off_default, perturbed_lm, small_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_jax  # noqa: E402
+from flax_gpt2v import evaluate as ev  # noqa: E402
 
 TEXT = "".join(f"Line {i}: the quick brown fox {'jumps over' if i % 3 else 'naps by'} the lazy dog {i * 7}.\n"
                for i in range(120))
@@ -119,6 +120,58 @@ def test_compare(tmp_path):
     for name in ("eval_perplexity.png", "eval_accuracy.png"):
         with open(plots / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("data, text", [
+    ({"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1"}, "validation_split_percentage": "1"},
+     "wikitext-103-raw-v1 (train[1%:])"),
+    ({"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1"}, "validation_split_percentage": "1",
+      "max_train_samples": 1000}, "wikitext-103-raw-v1 (train[:1000])"),
+    ({"dataset": "roneneldan/TinyStories"}, "roneneldan/TinyStories"),
+    ({"dataset": {"source": "tfds", "name": "lm1b"}}, "tfds: lm1b"),
+    ({"dataset": {"path": "text", "data_files": {"train": "/d/x.txt"}}}, "local: x.txt"),
+    ({"train_file": "/data/a.txt", "validation_split_percentage": 5}, "local: a.txt (train[5%:])"),
+    ({"train_file": "a.txt", "validation_file": "/v/b.txt"}, "local: a.txt, validation b.txt"),
+    ({"train_files": ["a.txt", "sub/c.txt"], "validation_split_percentage": "1"}, "local: a.txt, c.txt (train[1%:])"),
+    ({}, "embedded: CPython documentation"),
+    (None, None),
+])
+def test_describe_data(data, text):
+    assert ev.describe_data(data) == text
+
+
+def test_compare_names_variant_and_data_in_table_and_plots(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import test_train as t
+    from flax_gpt2v import train as tr
+
+    runs = {"wiki-dd": ("dd-gpt2", dict(apply_diffusion=False, dataset={"path": "wikitext", "name": "wikitext-103-raw-v1"},
+                                        validation_split_percentage="1")),
+            "local-gpt2": ("gpt2", dict(train_file=str(tmp_path / "a.txt")))}
+    dirs = []
+    for name, (model_type, extra) in runs.items():
+        dirs.append(str(tmp_path / name))
+        tr.train(t.tiny_config(model_type, dirs[-1], run_name=name, max_steps=4, eval_steps=2, save_steps=4, **extra),
+                 prepared=t.corpus(), log=lambda m: None)
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k))[1])
+    md, plots = tmp_path / "cmp.md", tmp_path / "plots"
+    run("--compare", *dirs, "--output", str(md), "--plot_dir", str(plots))
+    table = md.read_text()
+    assert table.splitlines()[0].startswith("| run | model_type | data | params |")
+    assert "| wiki-dd | dd-gpt2 (apply_diffusion=False) | wikitext-103-raw-v1 (train[1%:]) |" in table
+    assert "| local-gpt2 | gpt2 | local: a.txt |" in table
+    assert len(figures) == 2
+    for fig, name, what in zip(figures, ("eval_perplexity.png", "eval_accuracy.png"), ("perplexity", "accuracy")):
+        with open(plots / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        ax = fig.axes[0]
+        assert what in ax.get_title() and "different data" in ax.get_title()
+        assert [text.get_text() for text in ax.get_legend().get_texts()] == [
+            "wiki-dd | dd-gpt2 (apply_diffusion=False) | wikitext-103-raw-v1 (train[1%:])",
+            "local-gpt2 | gpt2 | local: a.txt"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -48,6 +48,8 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None:
         where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
         text = f"{where}: {e.strerror or type(e).__name__}"
+    elif isinstance(e, OSError) and e.strerror:  # without "[Errno N]"
+        text = e.strerror
     else:
         text = str(e) or type(e).__name__
     return "error: " + " ".join(text.split())

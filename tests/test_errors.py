@@ -22,7 +22,8 @@ import train_jax
 from flax_gpt2v import train as tr
 from flax_gpt2v.benchmark import main as benchmark_main
 from flax_gpt2v.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native
-from flax_gpt2v.config import TRAINING_KEYS
+from flax_gpt2v.cli import run_cli
+from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from helpers import perturbed_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,3 +363,21 @@ def test_eval_and_benchmark_filesystem_errors_as_processes(tmp_path):
 
 def test_benchmark_usage_error_is_one_line(tmp_path, capsys):
     fails_cleanly(capsys, tmp_path, benchmark_main, ["--config", "dd-both", "--batch", "0"], "--batch")
+
+
+def test_run_cli_keeps_tracebacks_for_bugs(capsys):
+    def raising(e):
+        def main(argv):
+            raise e
+        return main
+
+    # Not the project's errors: bugs, whose traceback the user must see.
+    for bug in (ValueError("a bug"), KeyError("x"), OSError(9, "Bad file descriptor")):
+        with pytest.raises(type(bug)):
+            run_cli(raising(bug))
+    assert capsys.readouterr().err == ""
+    for expected, line in ((PermissionError(13, "Permission denied", "/x/y"), "error: /x/y: Permission denied"),
+                           (OSError(28, "No space left on device"), "error: No space left on device"),
+                           (ConfigError("config key 'k': bad\n  value"), "error: config key 'k': bad value")):
+        assert run_cli(raising(expected)) == 2
+        assert capsys.readouterr().err == line + "\n"

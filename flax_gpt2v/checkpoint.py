@@ -132,13 +132,9 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
                  "torch_dtype": dtype, "dtype": dtype}
     modeling = None
     if mt != "gpt2":  # the baseline is transformers' own GPT2LMHeadModel
-        from .torch_twins import TWINS, bundle_source
-        config_cls, model_cls, filename = TWINS[mt]
-        module = os.path.splitext(filename)[0]
-        hf_config["auto_map"] = {"AutoConfig": f"{module}.{config_cls.__name__}",
-                                 "AutoModel": f"{module}.{model_cls.__name__}",
-                                 "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
-        modeling = (filename, bundle_source(mt))
+        from .torch_twins import TWINS, auto_map, bundle_source
+        hf_config["auto_map"] = auto_map(mt)
+        modeling = (TWINS[mt][2], bundle_source(mt))
     generation_config = {"_from_model_config": True, "bos_token_id": cfg["bos_token_id"],
                          "eos_token_id": cfg["eos_token_id"]}
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from flax_gpt2v.torch_twins import TWINS, CoreGPT2LMHeadModel, bundle_source
+from flax_gpt2v.torch_twins import TWINS, CoreGPT2LMHeadModel, auto_map, bundle_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
@@ -25,6 +25,7 @@ SMALL = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_
 VARIANTS = {
     "dd-both": ("dd-gpt2", dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True)),
     "dd-drift-nobaseline": ("dd-gpt2", dict(apply_drift=True, apply_diffusion=False, baseline_each_head=False)),
+    "dd-off": ("dd-gpt2", dict(apply_drift=False, apply_diffusion=False)),  # GPT-2 itself
     "parallel-concat": ("parallel-gpt2", dict(n_layer=4, bottleneck_method="concat")),
     "parallel-mean": ("parallel-gpt2", dict(n_layer=4, bottleneck_method="mean")),
     "duo-predict": ("duo-predict-gpt2", {}),
@@ -159,19 +160,15 @@ def test_bundle_imports_only_torch_and_transformers(model_type):
     imported = set(re.findall(r"^(?:from|import) (\S+)", source, re.MULTILINE))
     assert {name.split(".")[0] for name in imported} == {"torch", "transformers"}
     config_class, model_class, _ = TWINS[model_type]
-    assert f"class {config_class.__name__}(" in source and f"class {model_class.__name__}(" in source
+    for cls in (config_class, model_class, model_class.base_model_class):
+        assert f"class {cls.__name__}(" in source
 
 
 @pytest.mark.parametrize("variant", ["dd-both", "parallel-concat", "duo-predict", "rotating-lr-norm"])
 def test_remote_code_roundtrip(variant, tmp_path):
     model = random_model(variant)
     config_class, model_class, filename = TWINS[model.config.model_type]
-    module = filename.removesuffix(".py")
-    model.config.auto_map = {
-        "AutoConfig": f"{module}.{config_class.__name__}",
-        "AutoModel": f"{module}.{model_class.__name__}",
-        "AutoModelForCausalLM": f"{module}.{model_class.__name__}",
-    }
+    model.config.auto_map = auto_map(model.config.model_type)
     model.save_pretrained(tmp_path)
     (tmp_path / filename).write_text(bundle_source(model.config.model_type))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
@@ -238,10 +235,8 @@ def test_sdpa_left_padded_generation_matches_eager(variant):
 
 def test_attn_implementation_is_a_loading_option(tmp_path):
     model = random_model("rotating-gp")
-    config_class, model_class, filename = TWINS[model.config.model_type]
-    module = filename.removesuffix(".py")
-    model.config.auto_map = {"AutoConfig": f"{module}.{config_class.__name__}",
-                             "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}
+    filename = TWINS[model.config.model_type][2]
+    model.config.auto_map = auto_map(model.config.model_type)
     model.save_pretrained(tmp_path)
     (tmp_path / filename).write_text(bundle_source(model.config.model_type))
     for implementation in ("eager", "sdpa"):

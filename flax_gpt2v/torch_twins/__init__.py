@@ -3,13 +3,14 @@
 import re
 from pathlib import Path
 
-from .core import CoreGPT2LMHeadModel
+from .core import CoreGPT2LMHeadModel, CoreGPT2Model
 from .dd_gpt2 import DDGPT2Config, DDGPT2LMHeadModel
 from .duo_predict_gpt2 import DuoPredictGPT2Config, DuoPredictGPT2LMHeadModel
 from .parallel_gpt2 import ParallelGPT2Config, ParallelGPT2LMHeadModel
 from .rotating_head_gpt2 import RotatingHeadGPT2Config, RotatingHeadGPT2LMHeadModel
 
-# model_type -> (config class, LM head class, file name of the bundled modeling file)
+# model_type -> (config class, LM head class, file name of the bundled modeling file); the base model class
+# is the LM head class's base_model_class.
 TWINS = {
     "dd-gpt2": (DDGPT2Config, DDGPT2LMHeadModel, "modeling_dd_gpt2.py"),
     "parallel-gpt2": (ParallelGPT2Config, ParallelGPT2LMHeadModel, "modeling_parallel_gpt2.py"),
@@ -31,4 +32,15 @@ def bundle_source(model_type):
     return (_HERE / "core.py").read_text() + "\n\n" + variant
 
 
-__all__ = ["TWINS", "bundle_source", "CoreGPT2LMHeadModel"] + [cls.__name__ for twin in TWINS.values() for cls in twin[:2]]
+def auto_map(model_type):
+    """config.json's auto_map for an export: AutoModel gives the base model, as for transformers' GPT-2."""
+    config_class, model_class, filename = TWINS[model_type]
+    module = filename.removesuffix(".py")
+    return {"AutoConfig": f"{module}.{config_class.__name__}",
+            "AutoModel": f"{module}.{model_class.base_model_class.__name__}",
+            "AutoModelForCausalLM": f"{module}.{model_class.__name__}"}
+
+
+__all__ = ["TWINS", "auto_map", "bundle_source", "CoreGPT2LMHeadModel", "CoreGPT2Model"] + [
+    cls.__name__ for config_class, model_class, _ in TWINS.values()
+    for cls in (config_class, model_class, model_class.base_model_class)]

@@ -1,4 +1,4 @@
-from .core import CoreGPT2LMHeadModel, CoreSelfAttention
+from .core import CoreGPT2LMHeadModel, CoreGPT2Model, CoreSelfAttention
 
 # Drift-Diffusion GPT-2 (SPEC 2): per-head drift and diffusion applied to the attention output.
 
@@ -38,18 +38,20 @@ class DDSelfAttention(CoreSelfAttention):
             o = o + self.diffusion_param * torch.randn_like(o)
         return o
 
+    def init_variant_parameters(self):
+        if self.apply_drift:
+            init.normal_(self.drift_param, mean=0.0, std=1.0)
+            if self.baseline_each_head:
+                init.normal_(self.baseline, mean=0.0, std=1e-3)
+        if self.apply_diffusion:
+            init.normal_(self.diffusion_param, mean=0.0, std=1.0)
 
-class DDGPT2LMHeadModel(CoreGPT2LMHeadModel):
+
+class DDGPT2Model(CoreGPT2Model):
     config_class = DDGPT2Config
     attention_class = DDSelfAttention
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, DDSelfAttention):
-            if module.apply_drift:
-                init.normal_(module.drift_param, mean=0.0, std=1.0)
-                if module.baseline_each_head:
-                    init.normal_(module.baseline, mean=0.0, std=1e-3)
-            if module.apply_diffusion:
-                init.normal_(module.diffusion_param, mean=0.0, std=1.0)
+
+class DDGPT2LMHeadModel(CoreGPT2LMHeadModel):
+    config_class = DDGPT2Config
+    base_model_class = DDGPT2Model

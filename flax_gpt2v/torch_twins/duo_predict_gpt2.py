@@ -1,4 +1,4 @@
-from .core import CoreGPT2LMHeadModel, CoreTransformer
+from .core import CoreGPT2LMHeadModel, CoreGPT2Model
 
 # Duo-Predict GPT-2 (SPEC 4): interleaved real/mask layout, switched on by the original's length rule.
 
@@ -10,7 +10,9 @@ class DuoPredictGPT2Config(GPT2Config):
     model_type = "duo-predict-gpt2"
 
 
-class DuoPredictTransformer(CoreTransformer):
+class DuoPredictGPT2Model(CoreGPT2Model):
+    config_class = DuoPredictGPT2Config
+
     def layout(self, length, past_length, position_ids, device):
         # The original's rule, kept so Hub checkpoints behave as before: only an input longer than
         # n_positions is the interleaved x_0, M, x_1, M, ..., x_{L-1}; anything else is plain causal.
@@ -34,4 +36,4 @@ class DuoPredictTransformer(CoreTransformer):
 
 class DuoPredictGPT2LMHeadModel(CoreGPT2LMHeadModel):
     config_class = DuoPredictGPT2Config
-    transformer_class = DuoPredictTransformer
+    base_model_class = DuoPredictGPT2Model

@@ -1,4 +1,4 @@
-from .core import CoreGPT2LMHeadModel, CoreTransformer
+from .core import CoreGPT2LMHeadModel, CoreGPT2Model
 
 # Parallel GPT-2 (SPEC 3): blocks run in pairs on the same input, outputs merged by a bottleneck.
 
@@ -21,18 +21,19 @@ class ParallelGPT2Config(GPT2Config):
         super().__post_init__(**kwargs)
 
 
-class ParallelTransformer(CoreTransformer):
-    def __init__(self, config, attention_class):
-        super().__init__(config, attention_class)
+class ParallelGPT2Model(CoreGPT2Model):
+    config_class = ParallelGPT2Config
+
+    def add_variant_modules(self, config):
         self.bottleneck_method = config.bottleneck_method
         if self.bottleneck_method == "concat":
             # One projection shared by every pair, as in the original checkpoints.
             self.bottleneck = nn.Linear(2 * config.n_embd, config.n_embd)
 
-    def run_blocks(self, x, positions, allowed, cache):
+    def run_blocks(self, x, positions, allowed, cache, record):
         for left, right in zip(self.h[0::2], self.h[1::2]):
-            a = left(x, positions, allowed, cache)
-            b = right(x, positions, allowed, cache)
+            a = left(x, positions, allowed, cache, record)
+            b = right(x, positions, allowed, cache, record)
             if self.bottleneck_method == "mean":
                 x = (a + b) / 2
             elif self.bottleneck_method == "add":
@@ -44,4 +45,4 @@ class ParallelTransformer(CoreTransformer):
 
 class ParallelGPT2LMHeadModel(CoreGPT2LMHeadModel):
     config_class = ParallelGPT2Config
-    transformer_class = ParallelTransformer
+    base_model_class = ParallelGPT2Model

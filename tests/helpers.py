@@ -67,3 +67,19 @@ def perturbed_lm(variant, seed=0, scale=0.3, **overrides):
 
 def random_ids(shape, vocab=SMALL["vocab_size"], seed=0):
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def write_small_tokenizer(directory, texts, vocab_size=300):
+    """A byte-level BPE of `vocab_size` tokens trained on `texts`, saved as Hugging Face tokenizer
+    files without <|MASK|> (loading adds it), for tests whose tiny models need a small vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                       special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>").save_pretrained(str(directory))
+    return raw

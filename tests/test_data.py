@@ -8,7 +8,9 @@ import pytest
 from flax_gpt2v import data, ops, tokenizer
 from flax_gpt2v.config import load_config
 from flax_gpt2v.data import BatchSchedule, DataError, eval_batches, make_batch, prepare_data
-from flax_gpt2v.tokenizer import load_tokenizer
+from flax_gpt2v.tokenizer import TokenizerError, load_tokenizer
+
+from helpers import write_small_tokenizer
 
 LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(60)]
 
@@ -48,7 +50,7 @@ def write_lines(path, lines):
 def test_grouping_matches_original(tmp_path):
     train = write_lines(tmp_path / "train.txt", LINES[:50])
     val = write_lines(tmp_path / "val.txt", LINES[50:])
-    cfg = {"train_file": train, "validation_file": val, "block_size": 16, "tokenizer_name": "bpe",
+    cfg = {"train_file": train, "validation_file": val, "block_size": 16,
            "cache_dir": str(tmp_path / "hf")}
     got = prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
     tok = got.tokenizer
@@ -69,18 +71,17 @@ def test_datasets_saved_to_disk_and_text_builder(tmp_path):
         "validation": datasets.Dataset.from_dict({"id": list(range(10)), "body": LINES[50:]}),
     })
     dd.save_to_disk(str(tmp_path / "saved"))
-    cfg = {"dataset": {"path": str(tmp_path / "saved"), "text_column": "body"}, "block_size": 16,
-           "tokenizer_name": "bpe"}
+    cfg = {"dataset": {"path": str(tmp_path / "saved"), "text_column": "body"}, "block_size": 16}
     got = prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
     tok = got.tokenizer
     expected = group_texts({"input_ids": [tok.encode(t) for t in LINES[50:]]}, 16)["input_ids"]
     np.testing.assert_array_equal(got.validation, expected)
-    assert got.tokenizer.source == "bpe-trained-on-saved"
+    assert got.tokenizer.source == "gpt2"
 
     # A packaged builder over a local file, no validation split: run_clm's 5% fallback.
     path = write_lines(tmp_path / "all.txt", LINES * 2)
     cfg = {"dataset": {"path": "text", "data_files": {"train": path}, "keep_linebreaks": True},
-           "block_size": 16, "tokenizer_name": "bpe", "validation_split_percentage": 10,
+           "block_size": 16, "validation_split_percentage": 10,
            "cache_dir": str(tmp_path / "hf")}
     got = prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
     tok = got.tokenizer
@@ -90,13 +91,11 @@ def test_datasets_saved_to_disk_and_text_builder(tmp_path):
         np.testing.assert_array_equal(blocks, expected)
 
 
-def test_embedded_corpus_and_bpe_fallback(embedded, tmp_path):
+def test_embedded_corpus_with_gpt2_tokenizer(embedded, tmp_path):
     cache, first, second, logs = embedded
     tok = first.tokenizer
-    assert tok.source == "bpe-trained-on-pydoc-topics"
-    assert tok.vocab_size == 8192 and tok.mask_token_id == 8191 and tok.eos_token_id == 8190
-    assert any("not available offline" in line and "BPE" in line for line in logs)
-    assert not first.tokenizer.cache_hit and second.tokenizer.cache_hit
+    assert tok.source == "gpt2"
+    assert tok.vocab_size == 50258 and tok.mask_token_id == 50257 and tok.eos_token_id == 50256
     assert "pydoc_data" in first.source
     # Real English text, not random tokens; train and validation are different topics.
     text = tok.decode(first.train[:4].reshape(-1))
@@ -114,20 +113,16 @@ def test_embedded_corpus_and_bpe_fallback(embedded, tmp_path):
 
 
 def test_pretrained_tokenizer_gets_mask_appended(tmp_path):
-    from tokenizers import Tokenizer as Raw, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Raw(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.train_from_iterator(LINES, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                       special_tokens=["<|endoftext|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>").save_pretrained(str(tmp_path / "gpt"))
-    tok = load_tokenizer(str(tmp_path / "gpt"), None, str(tmp_path / "cache"))
+    raw = write_small_tokenizer(tmp_path / "gpt", LINES)
+    tok = load_tokenizer(str(tmp_path / "gpt"))
     assert tok.source == str(tmp_path / "gpt")
     assert tok.mask_token_id == tok.vocab_size - 1 == raw.get_vocab_size()
     assert tok.encode("dog <|MASK|>")[-1] == tok.mask_token_id
-    with pytest.raises(RuntimeError, match="no-such-tokenizer"):
-        load_tokenizer("no-such-tokenizer", None, str(tmp_path / "cache"))
+    with pytest.raises(TokenizerError, match="no-such-tokenizer") as err:
+        load_tokenizer("no-such-tokenizer")
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no-such-tokenizer"):
+        prepare_data({"tokenizer_name": "no-such-tokenizer"}, str(tmp_path / "cache"))
 
 
 def test_cache_hit_and_rebuild_after_corruption(embedded):
@@ -225,14 +220,13 @@ def test_eval_batches_pad_exactly(model_type):
 
 def test_tfds_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
-    cfg = {"dataset": {"source": "tfds", "name": "lm1b"}, "block_size": 16, "tokenizer_name": "bpe"}
+    cfg = {"dataset": {"source": "tfds", "name": "lm1b"}, "block_size": 16}
     with pytest.raises(DataError, match="tensorflow-datasets"):
         prepare_data(cfg, str(tmp_path), log=lambda s: None)
 
 
 def test_unknown_dataset_offline_is_a_one_line_error(tmp_path):
-    cfg = {"dataset": {"path": "no-such-org/no-such-dataset", "name": "v1"}, "block_size": 16,
-           "tokenizer_name": "bpe"}
+    cfg = {"dataset": {"path": "no-such-org/no-such-dataset", "name": "v1"}, "block_size": 16}
     with pytest.raises(DataError) as err:
         prepare_data(cfg, str(tmp_path), log=lambda s: None)
     message = str(err.value)

@@ -12,7 +12,7 @@ import flax_gpt2v as fg
 from flax_gpt2v import checkpoint
 from flax_gpt2v.tokenizer import load_tokenizer
 
-from helpers import off_default, perturbed_lm, small_config
+from helpers import off_default, perturbed_lm, small_config, write_small_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,7 +26,8 @@ TEXT = "".join(f"Line {i}: the quick brown fox {'jumps over' if i % 3 else 'naps
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    tok = load_tokenizer(None, TEXT.splitlines(keepends=True), str(root / "cache"), 300, log=lambda m: None)
+    write_small_tokenizer(root / "tok0", TEXT.splitlines(keepends=True))
+    tok = load_tokenizer(str(root / "tok0"))
     tok_dir = root / "tok"
     tok.save(str(tok_dir))
     text_file = root / "val.txt"

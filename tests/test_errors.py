@@ -229,7 +229,7 @@ def test_converter_usage_and_filesystem_errors(native, tmp_path, capsys):
 def write_config(tmp_path, **keys) -> str:
     cfg = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 64, "block_size": 32,
            "per_device_train_batch_size": 2, "max_steps": 2, "bf16": False, "gradient_checkpointing": False,
-           "export_hf": False, "report_to": "none", "tokenizer_name": "bpe", "cache_dir": str(tmp_path / "cache"),
+           "export_hf": False, "report_to": "none", "cache_dir": str(tmp_path / "cache"),
            "output_dir": str(tmp_path / "run"), **keys}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))

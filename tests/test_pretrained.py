@@ -23,7 +23,7 @@ from flax_gpt2v import train as tr
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.keymap import flatten_params, torch_to_flax_params
 from flax_gpt2v.tokenizer import load_tokenizer
-from helpers import FP32_TOL
+from helpers import FP32_TOL, write_small_tokenizer
 from test_train import ROOT, TINY, corpus, read_metrics, tiny_config
 
 # Chosen once: the trainer's fp32 chunked loss against transformers' loss on the same rows.
@@ -190,7 +190,8 @@ def test_cached_hub_id_resolves_offline_with_its_tokenizer(tmp_path, monkeypatch
     ckpt = tmp_path / "gpt2"
     hf_gpt2(ckpt, vocab=300)
     texts = [open(os.path.join(ROOT, "README.md")).read()]
-    load_tokenizer(None, texts, str(tmp_path / "cache"), vocab_size=300, log=lambda m: None).save(str(ckpt))
+    write_small_tokenizer(tmp_path / "tok", texts, vocab_size=299)
+    load_tokenizer(str(tmp_path / "tok")).save(str(ckpt))  # 299 + <|MASK|>
     snapshot = _hub_cache(tmp_path / "hub", "org/tiny-gpt2", ckpt)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -198,7 +199,7 @@ def test_cached_hub_id_resolves_offline_with_its_tokenizer(tmp_path, monkeypatch
     assert (cfg["model_type"], cfg["n_layer"], cfg["n_embd"], cfg["n_positions"]) == ("gpt2", 2, 32, 64)
     assert train["tokenizer_name"] == str(snapshot)
     assert tr.load_run_config({"model_name_or_path": "org/tiny-gpt2",
-                               "tokenizer_name": "bpe"})[3]["tokenizer_name"] == "bpe"
+                               "tokenizer_name": "gpt2"})[3]["tokenizer_name"] == "gpt2"
     (tmp_path / "train.txt").write_text(texts[0])
     prepared = data.prepare_data({**train, "train_file": str(tmp_path / "train.txt"), "block_size": 16},
                                  str(tmp_path / "cache"), log=lambda m: None)

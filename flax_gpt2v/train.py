@@ -707,11 +707,32 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     tps = f"{summary['tokens_per_s']:.0f} tokens/s" if summary["tokens_per_s"] else "tokens/s n/a (too few steps)"
     mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ""
     log(f"done: step {final_step}, {tps}{mfu}; model in {opts.output_dir}")
+    log(what_was_trained(model_cfg, num_params, final_step, prepared, last_eval))
     if is_main:
         # Timings stay out of metrics.jsonl (a resumed run must write the same lines); they live here.
         with open(os.path.join(opts.output_dir, SUMMARY), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def what_was_trained(model_cfg: dict, num_params: int, steps: int, prepared, last_eval: dict | None) -> str:
+    """The run's last line: what was trained, on what, and what its perplexity means."""
+    def count(n):
+        return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+    line = (f"trained {model_cfg['model_type']} ({model_cfg['n_layer']} layers, d {model_cfg['n_embd']}, "
+            f"{count(num_params)} params) for {steps} steps on {prepared.source} "
+            f"({count(prepared.train.size)} training tokens)")
+    if not last_eval or "eval_perplexity" not in last_eval:
+        return f"{line}; not evaluated"
+    line += f"; eval perplexity {last_eval['eval_perplexity']:.1f} on {count(prepared.validation.size)} held-out tokens"
+    if "eval_next_perplexity" in last_eval:  # duo-predict: both groups; the next-token one is GPT-2's kind
+        line += (f" (next-token {last_eval['eval_next_perplexity']:.1f}, "
+                 f"fill-in {last_eval['eval_fill_perplexity']:.1f})")
+    tokenizer = prepared.tokenizer.source
+    if tokenizer == "gpt2":
+        return line + " - per GPT-2 token, the unit of GPT-2's published perplexities (on this text, not theirs)"
+    return line + f" - per token of the {tokenizer} tokenizer, not comparable with GPT-2's perplexities"
 
 
 def save_final(opts: Options, model_cfg: dict, params, log) -> None:

@@ -49,7 +49,8 @@ def corpus(block=BLOCK):
     ids = np.frombuffer(text, np.uint8).astype(np.int32)
     blocks = ids[: len(ids) // block * block].reshape(-1, block)
     n_val = max(8, len(blocks) // 10)
-    return types.SimpleNamespace(tokenizer=ByteTokenizer(), train=blocks[:-n_val], validation=blocks[-n_val:])
+    return types.SimpleNamespace(tokenizer=ByteTokenizer(), train=blocks[:-n_val], validation=blocks[-n_val:],
+                                 source="SPEC.md as bytes")
 
 
 def tiny_config(model_type="gpt2", out="runs/x", **train):
@@ -224,12 +225,34 @@ def test_loss_falls_and_outputs_load(model_type, tmp_path):
     if model_type == "duo-predict-gpt2":
         assert {"eval_next_loss", "eval_fill_accuracy", "eval_fill_perplexity"} <= set(evals[-1])
     assert summary["step"] == 30 and summary["eval_loss"] == evals[-1]["eval_loss"]
+    assert lines[-1].startswith(f"trained {model_type} (2 layers, d 32, ") and "on SPEC.md as bytes" in lines[-1]
     with open(out / "summary.json") as f:
         assert json.load(f) == summary
     lm = fg.load(out)
     assert lm.config["model_type"] == model_type and lm.config["vocab_size"] == 257
     assert fg.load(out / "best").config == lm.config
     assert sorted(os.listdir(out / "checkpoints")) == ["15", "30"]
+
+
+def test_what_was_trained_line():
+    def prepared(source, tokenizer, n_train, n_val):
+        return types.SimpleNamespace(source=source, tokenizer=types.SimpleNamespace(source=tokenizer),
+                                     train=np.zeros((n_train, 128), np.int32), validation=np.zeros((n_val, 128), np.int32))
+
+    embedded = prepared("embedded corpus: CPython documentation (pydoc_data.topics)", "gpt2", 1032, 62)
+    cfg = {"model_type": "rotating-head-gpt2", "n_layer": 4, "n_embd": 128}
+    assert tr.what_was_trained(cfg, 7_241_000, 150, embedded, {"eval_perplexity": 412.345}) == (
+        "trained rotating-head-gpt2 (4 layers, d 128, 7.2M params) for 150 steps on embedded corpus: CPython "
+        "documentation (pydoc_data.topics) (132.1K training tokens); eval perplexity 412.3 on 7.9K held-out tokens - "
+        "per GPT-2 token, the unit of GPT-2's published perplexities (on this text, not theirs)")
+    duo = {"model_type": "duo-predict-gpt2", "n_layer": 2, "n_embd": 32}
+    other = prepared("tfds my_texts", "my-tokenizer", 3, 1)
+    assert tr.what_was_trained(duo, 900, 30, other, {"eval_perplexity": 3.0, "eval_next_perplexity": 5.25,
+                                                     "eval_fill_perplexity": 1.75}) == (
+        "trained duo-predict-gpt2 (2 layers, d 32, 900 params) for 30 steps on tfds my_texts (384 training tokens); "
+        "eval perplexity 3.0 on 128 held-out tokens (next-token 5.2, fill-in 1.8) - per token of the my-tokenizer "
+        "tokenizer, not comparable with GPT-2's perplexities")
+    assert tr.what_was_trained(duo, 900, 30, other, None).endswith("(384 training tokens); not evaluated")
 
 
 def test_bf16_remat_accumulation_and_hf_export(tmp_path):

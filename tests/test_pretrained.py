@@ -185,17 +185,18 @@ def _hub_cache(root, repo, files_from):
 
 
 def test_cached_hub_id_resolves_offline_with_its_tokenizer(tmp_path, monkeypatch):
+    """A Hub id in huggingface_hub's cache, offline: its config gives the sizes, its tokenizer
+    (300 tokens, + <|MASK|>) the vocabulary, and the embedding grows by the mask's row."""
     from huggingface_hub import constants
 
     ckpt = tmp_path / "gpt2"
     hf_gpt2(ckpt, vocab=300)
     texts = [open(os.path.join(ROOT, "README.md")).read()]
-    write_small_tokenizer(tmp_path / "tok", texts, vocab_size=299)
-    load_tokenizer(str(tmp_path / "tok")).save(str(ckpt))  # 299 + <|MASK|>
+    write_small_tokenizer(ckpt, texts, vocab_size=300)
     snapshot = _hub_cache(tmp_path / "hub", "org/tiny-gpt2", ckpt)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    _, cfg, _, train = tr.load_run_config({"model_name_or_path": "org/tiny-gpt2"})
+    model_raw, cfg, _, train = tr.load_run_config({"model_name_or_path": "org/tiny-gpt2"})
     assert (cfg["model_type"], cfg["n_layer"], cfg["n_embd"], cfg["n_positions"]) == ("gpt2", 2, 32, 64)
     assert train["tokenizer_name"] == str(snapshot)
     assert tr.load_run_config({"model_name_or_path": "org/tiny-gpt2",
@@ -203,7 +204,12 @@ def test_cached_hub_id_resolves_offline_with_its_tokenizer(tmp_path, monkeypatch
     (tmp_path / "train.txt").write_text(texts[0])
     prepared = data.prepare_data({**train, "train_file": str(tmp_path / "train.txt"), "block_size": 16},
                                  str(tmp_path / "cache"), log=lambda m: None)
-    assert (prepared.tokenizer.source, prepared.tokenizer.vocab_size) == (str(snapshot), 300)
+    assert (prepared.tokenizer.source, prepared.tokenizer.vocab_size) == (str(snapshot), 301)
+    cfg = tr.fit_to_tokenizer(model_raw, train, prepared.tokenizer)
+    lines = []
+    params = pretrained.initial_params(train, cfg, fg.init(cfg).params, 0, lines.append)
+    assert params["transformer"]["wte"]["embedding"].shape == (384, 32)
+    assert any("resized from 300 to 301 rows" in line for line in lines), lines
 
 
 def test_uncached_hub_id_offline_is_one_line(tmp_path):

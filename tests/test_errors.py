@@ -10,8 +10,11 @@ import hashlib
 import importlib.util
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -310,16 +313,34 @@ def test_trainer_output_dir_problems(tmp_path, capsys):
                       progress=True)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only directories")
-def test_trainer_read_only_output_dir(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+def test_trainer_read_only_output_dir():
+    """A read-only output_dir, as a process. Root writes anywhere, so as root the run drops to the
+    user nobody, in a directory of its own outside pytest's private one."""
+    as_nobody = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv cannot make a directory it cannot write")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    root = pathlib.Path(tempfile.mkdtemp(prefix="flax-gpt2v-read-only-"))
+    ro = root / "ro"
     try:
-        config = write_config(tmp_path, train_file=str(text_file(tmp_path)), output_dir=str(ro / "run"))
-        fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", config], ro / "run", progress=True)
+        root.chmod(0o755)
+        (root / "cache").mkdir()
+        (root / "cache").chmod(0o777)
+        ro.mkdir()
+        (ro / "kept.txt").write_text("here before")
+        ro.chmod(0o555)
+        config = write_config(root, train_file=str(text_file(root)), output_dir=str(ro))
+        before = tree(root)
+        p = subprocess.run([*as_nobody, sys.executable, os.path.join(ROOT, "train_jax.py"), "--config", config],
+                           capture_output=True, text=True, cwd=ROOT, env={**QUIET, "HOME": str(root / "cache")})
+        assert p.returncode == 2, p.stderr[-3000:]
+        one_error_line(p.stderr, ro, "Permission denied")
+        assert tree(root) == before
     finally:
-        ro.chmod(0o755)
+        if ro.exists():
+            ro.chmod(0o755)
+        shutil.rmtree(root)
 
 
 def test_train_help_lists_every_option_once(capsys):

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 # converters do not import JAX through flax_gpt2v.data just to name DataError.
 _EXPECTED = {"flax_gpt2v.config": "ConfigError", "flax_gpt2v.checkpoint": "CheckpointError",
              "flax_gpt2v.keymap": "ConversionError", "flax_gpt2v.data": "DataError",
-             "flax_gpt2v.evaluate": "EvalError", "flax_gpt2v.cli": "UsageError"}
+             "flax_gpt2v.evaluate": "EvalError", "flax_gpt2v.tokenizer": "TokenizerError",
+             "flax_gpt2v.cli": "UsageError"}
 
 
 # Failures of the filesystem as a whole, which name no file: full, over quota, read-only.

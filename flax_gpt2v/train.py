@@ -103,7 +103,8 @@ DATA_HELP = dict(
     train_file=("null", "local training text (.txt, .json, .jsonl, .csv, .parquet) instead of dataset"),
     validation_file=("null", "local validation text (with train_file)"),
     validation_split_percentage=(5, "percent of the training split used for validation when none is given"),
-    tokenizer_name=("gpt2-medium", "tokenizer to load; bpe: train a byte-level BPE on the training text"),
+    tokenizer_name=("gpt2-medium", "tokenizer (+ <|MASK|>): a GPT-2 name (built offline), a directory "
+                    "or a Hub name"),
     model_name_or_path=("null: from scratch", "checkpoint to start from: a local directory (native or HF) or a Hub "
                         "id; its sizes and, without tokenizer_name, its tokenizer (README: Start from GPT-2)"),
     config_name=("null: gpt2-medium", "size preset of a model trained from scratch: gpt2, gpt2-medium, gpt2-large, "

@@ -1,4 +1,4 @@
-"""Import a Hugging Face directory (ours or the original's Hub format) as a native checkpoint.
+"""Import a Hugging Face directory (GPT-2 or a variant, in any published layout) as a native checkpoint.
 
     python convert/from_torch.py SRC DST [--force]
 """
@@ -14,7 +14,8 @@ from flax_gpt2v.checkpoint import import_hf  # noqa: E402
 
 def _main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src", help="Hugging Face directory (config.json + model.safetensors)")
+    parser.add_argument("src", help="Hugging Face directory: config.json + model.safetensors, pytorch_model.bin "
+                                    "or a sharded index (see README, Conversion)")
     parser.add_argument("dst", help="native checkpoint directory to write")
     parser.add_argument("--force", action="store_true",
                         help="replace the files a previous conversion wrote in DST (nothing else there is touched)")

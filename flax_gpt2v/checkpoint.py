@@ -56,7 +56,9 @@ def is_native(path: str | os.PathLike) -> bool:
 
 
 def is_hf(path: str | os.PathLike) -> bool:
-    return all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, HF_WEIGHTS))
+    """config.json and weights in any layout `load_hf_dir` reads (or a broken one it can name)."""
+    from .hf_layouts import has_weights
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and has_weights(path)
 
 
 def has_tokenizer(directory: str | os.PathLike) -> bool:
@@ -101,15 +103,10 @@ def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def load_hf_dir(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(validated config, nested float32 numpy params) of an HF directory: ours or the original's."""
-    _require_files(path, (CONFIG_FILE, HF_WEIGHTS), "Hugging Face checkpoint directory")
-    raw = read_json(path)
-    state = _read_safetensors(os.path.join(path, HF_WEIGHTS), _load_torch_as_float32)
-    if raw.get("model_type") == "rotating-head-gpt2" and "use_norm" not in raw:
-        # SPEC 5: the original's Hub configs have no use_norm; only its later version,
-        # which always applies the LayerNorm, stores rope.layer_norm.* weights.
-        raw["use_norm"] = any(".attn.rope.layer_norm." in k for k in state)
-    cfg = load_config(raw)
+    """(validated config, nested float32 numpy params) of an HF directory: ours, the original's,
+    or GPT-2 in any published layout (see hf_layouts). The one entry point for reading them."""
+    from .hf_layouts import read_hf_dir
+    cfg, state = read_hf_dir(path)
     return cfg, torch_to_flax_params(state, cfg)
 
 
@@ -244,12 +241,6 @@ def _read_safetensors(file: str, load: Callable[[str], dict]) -> dict:
         return load(file)
     except safetensors.SafetensorError as e:
         raise CheckpointError(f"corrupt checkpoint: {file}: {e}") from None
-
-
-def _load_torch_as_float32(file: str) -> dict[str, np.ndarray]:
-    # Through torch because numpy has no bfloat16; widening to float32 is exact.
-    import safetensors.torch
-    return {k: v.float().numpy() for k, v in safetensors.torch.load_file(file).items()}
 
 
 def _write_json(file: str, data: Mapping[str, Any]) -> None:

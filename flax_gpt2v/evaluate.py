@@ -56,7 +56,7 @@ def load_model(checkpoint_dir: str | None = None, hf_dir: str | None = None, dty
             raise EvalError(f"{path}: not a flax-gpt2v checkpoint (needs config.json + flax_params.safetensors)"
                             + ("; it is an HF directory, use --hf" if checkpoint.is_hf(path) else ""))
     elif not checkpoint.is_hf(path):
-        raise EvalError(f"{path}: not an HF checkpoint (needs config.json + model.safetensors)"
+        raise EvalError(f"{path}: not an HF checkpoint (needs config.json + weights)"
                         + ("; it is a native checkpoint, use --checkpoint" if checkpoint.is_native(path) else ""))
     return load(path, dtype=dtype), path
 

@@ -7,6 +7,7 @@ shape is checked; all problems are reported together in one `ConversionError`.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
@@ -20,6 +21,8 @@ LM_HEAD_KEY = "lm_head.weight"
 _WTE_KEY = "transformer.wte.weight"
 # Long key lists are cut so the error stays one readable line.
 _MAX_LISTED = 12
+# A per-layer key (torch or Flax naming): prefix, layer index, rest.
+_LAYER = re.compile(r"^(.*?\bh[./])(\d+)([./].*)$")
 
 
 class ConversionError(ValueError):
@@ -40,8 +43,37 @@ class ConversionError(ValueError):
 
 
 def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+    """The keys with their layer indices folded, so 24 layers' worth reads as one pattern
+    (transformer.h.{0-23}.attn.bias), and whole layers as one entry (transformer.h.2.* (12 keys))."""
+    groups: dict[tuple[str, str], list[int] | None] = {}
+    for item in items:
+        m = _LAYER.match(item)
+        if m:
+            groups.setdefault((m[1], m[3]), []).append(int(m[2]))
+        else:
+            groups[(item, "")] = None
+    by_layers: dict[tuple[str, str], list[str]] = {}
+    for (head, tail), ix in groups.items():
+        by_layers.setdefault((head, _indices(ix)) if ix is not None else (head, None), []).append(tail)
+    shown = []
+    for (head, ix), tails in by_layers.items():
+        if ix is None:
+            shown.append(head)
+        elif len(tails) > 3:
+            shown.append(f"{head}{ix}{tails[0][0]}* ({len(tails)} keys)")
+        else:
+            shown += [head + ix + tail for tail in tails]
+    text = ", ".join(shown[:_MAX_LISTED])
+    return text + (f", ... and {len(shown) - _MAX_LISTED} more" if len(shown) > _MAX_LISTED else "")
+
+
+def _indices(ix: list[int]) -> str:
+    if len(ix) == 1:
+        return str(ix[0])
+    ix = sorted(ix)
+    if ix == list(range(ix[0], ix[-1] + 1)):
+        return f"{{{ix[0]}-{ix[-1]}}}"
+    return "{" + ",".join(map(str, ix)) + "}"
 
 
 class KeyEntry(NamedTuple):

@@ -377,3 +377,292 @@ def test_cli_bad_source(tmp_path, capsys):
     code, _, err = cli(capsys, FROM_TORCH, tmp_path, tmp_path)
     assert code == 2 and "same directory" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---- GPT-2 and the variants as published (issue 10): layouts, buffers, old configs ----
+
+def reference_gpt2(seed, **overrides):
+    """transformers' own GPT2LMHeadModel, tiny, every weight perturbed so that no key can go unnoticed."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(vocab_size=61, n_positions=32, n_embd=24, n_layer=2, n_head=3, n_inner=40,
+                  layer_norm_epsilon=1e-3, initializer_range=0.05, bos_token_id=1, eos_token_id=None,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**{**fields, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def openai_config(config):
+    """config.json as the OpenAI gpt2 repos have it: old keys, no transformers 5 additions."""
+    keys = ("activation_function", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
+            "initializer_range", "layer_norm_epsilon", "n_embd", "n_head", "n_inner", "n_layer",
+            "n_positions", "resid_pdrop", "vocab_size")
+    return {**{k: getattr(config, k) for k in keys}, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "n_ctx": config.n_positions, "n_special": 0, "predict_special_tokens": True,
+            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+            "summary_type": "cls_index", "summary_use_proj": True, "output_past": True,
+            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+            # generic PretrainedConfig keys that older transformers wrote
+            "torchscript": False, "use_bfloat16": False, "chunk_size_feed_forward": 0, "pruned_heads": {},
+            "tie_word_embeddings": True, "output_hidden_states": False, "is_decoder": False}
+
+
+def causal_buffers(n_layer, n_positions, dtype="float32"):
+    import torch
+
+    mask = torch.ones(n_positions, n_positions).tril().view(1, 1, n_positions, n_positions)
+    out = {}
+    for i in range(n_layer):
+        out[f"h.{i}.attn.bias"] = mask.to(getattr(torch, dtype)).clone()
+        out[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return out
+
+
+def write_shards(directory, state, kind, n=3):
+    """A sharded checkpoint with its index, as save_pretrained(max_shard_size=...) writes it."""
+    import safetensors.torch
+    import torch
+
+    keys = sorted(state)
+    ext, index = ("safetensors", "model.safetensors.index.json") if kind == "safetensors" else \
+        ("bin", "pytorch_model.bin.index.json")
+    stem = "model" if kind == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for s in range(n):
+        name = f"{stem}-{s + 1:05d}-of-{n:05d}.{ext}"
+        part = {k: state[k].contiguous() for k in keys[s::n]}
+        if kind == "safetensors":
+            safetensors.torch.save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
+        else:
+            torch.save(part, os.path.join(directory, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(directory, index), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+def save_layout(directory, state, config: dict, layout):
+    """`state`: GPT2LMHeadModel key names (torch tensors). Writes one published layout."""
+    import safetensors.torch
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    if layout in ("openai-bin", "openai-safetensors"):
+        # GPT2Model naming, with the attention buffers old transformers saved.
+        n_positions = config.get("n_positions", 1024)
+        state = {k[len("transformer."):]: v for k, v in state.items() if k != "lm_head.weight"}
+        state.update(causal_buffers(config["n_layer"], n_positions))
+    state = {k: v.clone().contiguous() for k, v in state.items()}  # no shared storage
+    if layout in ("safetensors", "openai-safetensors"):
+        safetensors.torch.save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    elif layout in ("bin", "openai-bin"):
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+    else:
+        write_shards(directory, state, layout.split("-")[1])
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+LAYOUTS = ("safetensors", "bin", "sharded-safetensors", "sharded-bin", "openai-bin", "openai-safetensors")
+# Random tiny configs, one per layout, each off the defaults in its own way.
+LAYOUT_CONFIGS = {
+    "safetensors": dict(activation_function="gelu_pytorch_tanh"),
+    "bin": dict(reorder_and_upcast_attn=True, n_inner=None),
+    "sharded-safetensors": dict(n_layer=3, n_head=4, n_embd=32),
+    "sharded-bin": dict(vocab_size=130, layer_norm_epsilon=1e-6),
+    "openai-bin": dict(n_layer=1),
+    "openai-safetensors": dict(n_positions=28, n_head=2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpt2_layouts_give_transformers_logits(layout, tmp_path, capsys):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    import flax_gpt2v as fg
+
+    model = reference_gpt2(LAYOUTS.index(layout), **LAYOUT_CONFIGS[layout])
+    if layout in ("safetensors", "sharded-safetensors"):  # what transformers writes today
+        model.save_pretrained(tmp_path / "hf", max_shard_size="20KB" if layout.startswith("sharded") else "5GB")
+        assert os.path.isfile(tmp_path / "hf" / ("model.safetensors.index.json" if layout.startswith("sharded")
+                                                 else "model.safetensors"))
+    else:  # transformers 5 no longer writes .bin files: written as transformers 4 and the OpenAI repos did
+        config = openai_config(model.config) if layout.startswith("openai") else model.config.to_dict()
+        save_layout(tmp_path / "hf", model.state_dict(), config, layout)
+    reference = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()  # transformers reads it alike
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+        np.testing.assert_array_equal(reference(torch.from_numpy(ids)).logits.numpy(), expected)
+        tokens = reference.generate(torch.from_numpy(ids[:, :5]), max_new_tokens=20, do_sample=False,
+                                    pad_token_id=0).numpy()
+
+    lm = fg.load(tmp_path / "hf")
+    np.testing.assert_allclose(np.asarray(lm(ids)), expected, atol=1e-4, rtol=1e-4)
+    ours = np.asarray(lm.generate(ids[:, :5].astype(np.int32), max_new_tokens=20))
+    assert len(set(ours[:, 5:].ravel().tolist())) > 3, "degenerate generation proves nothing"
+    np.testing.assert_array_equal(ours, tokens)
+
+    code, _, err = cli(capsys, FROM_TORCH, tmp_path / "hf", tmp_path / "native")
+    assert code == 0, err
+    assert_same_tree(lm.params, load_native(tmp_path / "native")[1])
+
+
+@pytest.mark.parametrize("layout", ["bin", "sharded-safetensors", "sharded-bin", "openai-bin"])
+@pytest.mark.parametrize("case", ORIGINAL_CASES)
+def test_original_checkpoints_in_every_layout(case, layout, tmp_path):
+    import torch
+
+    with open(os.path.join(FIXTURES, case, "config.json")) as f:
+        config = json.load(f)
+    state = {k: torch.from_numpy(v) for k, v in fixture_state(case).items()}
+    if layout == "bin":  # torch.save of the full state dict keeps the tied head
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    save_layout(tmp_path, state, config, layout)
+    cfg, params = load_hf_dir(tmp_path)
+    expected_cfg, expected = load_hf_dir(os.path.join(FIXTURES, case))
+    assert cfg == expected_cfg
+    assert_same_tree(expected, params)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_bin_widens_exactly(dtype, tmp_path):
+    import torch
+
+    cfg = tiny_config("rh-lr-norm")
+    params = random_params(cfg)
+    state = {k: torch.from_numpy(v).to(getattr(torch, dtype)) for k, v in flax_to_torch_state(params, cfg).items()}
+    save_layout(tmp_path, state, {**cfg, "torch_dtype": dtype}, "sharded-bin")
+    widened = {k: v.float().numpy() for k, v in state.items()}
+    assert_same_tree(torch_to_flax_params(widened, cfg), load_hf_dir(tmp_path)[1])
+
+
+def gpt2_dir(tmp_path, layout="bin", state_edit=None, **config_edit):
+    """A small valid GPT-2 directory, then one thing changed."""
+    import torch
+
+    cfg = tiny_config("gpt2")
+    state = {k: torch.from_numpy(v) for k, v in flax_to_torch_state(random_params(cfg), cfg).items()}
+    if state_edit:
+        state_edit(state)
+    config = {**cfg, **config_edit}
+    save_layout(tmp_path / "hf", state, {k: v for k, v in config.items() if v is not ...}, layout)
+    return tmp_path / "hf"
+
+
+def _set(key, value):
+    return lambda state: state.__setitem__(key, value)
+
+
+def _mixed_prefix(state):
+    state["ln_f.weight"] = state.pop("transformer.ln_f.weight")
+
+
+REFUSALS = {
+    "relu": (dict(activation_function="relu"), None, "activation_function relu is not supported"),
+    "gelu": (dict(activation_function="gelu"), None, "activation_function gelu is not supported"),
+    "inverse-layer-idx": (dict(scale_attn_by_inverse_layer_idx=True), None,
+                          "scale_attn_by_inverse_layer_idx true is not supported"),
+    "unscaled": (dict(scale_attn_weights=False), None, "scale_attn_weights false is not supported"),
+    "untied-config": (dict(tie_word_embeddings=False), None, "tie_word_embeddings false is not supported"),
+    "pruned": (dict(pruned_heads={"0": [1]}), None, 'pruned_heads {"0": [1]} is not supported'),
+    "untied-head": ({}, lambda s: s.__setitem__("lm_head.weight", s["transformer.wte.weight"] + 1),
+                    "lm_head.weight differs from transformer.wte.weight"),
+    "mixed-prefix": ({}, _mixed_prefix, "keys lack the `transformer.` prefix that others have: 1 key(s), "
+                                        "e.g. ln_f.weight"),
+    "nan": ({}, lambda s: s["transformer.h.1.mlp.c_fc.weight"].__setitem__((0, 0), float("nan")),
+            "weight transformer.h.1.mlp.c_fc.weight holds non-finite values"),
+    "inf": ({}, lambda s: s["transformer.wpe.weight"].__setitem__((3, 1), float("-inf")),
+            "weight transformer.wpe.weight holds non-finite values"),
+    "int": ({}, lambda s: s.__setitem__("transformer.ln_f.bias", s["transformer.ln_f.bias"].long()),
+            "weight transformer.ln_f.bias is torch.int64, not a float tensor"),
+}
+
+
+@pytest.mark.parametrize("cause", sorted(REFUSALS))
+def test_refusals_are_one_line_naming_the_cause(cause, tmp_path, capsys):
+    config_edit, state_edit, message = REFUSALS[cause]
+    hf = gpt2_dir(tmp_path, state_edit=state_edit, **config_edit)
+    with pytest.raises(ValueError) as info:
+        load_hf_dir(hf)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    code, out, err = cli(capsys, FROM_TORCH, hf, tmp_path / "native")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not os.path.exists(tmp_path / "native")
+
+
+def _buffers(edit):
+    def write(tmp_path):
+        import torch
+
+        hf = gpt2_dir(tmp_path, layout="openai-bin")
+        state = torch.load(hf / "pytorch_model.bin", weights_only=True)
+        edit(state)
+        torch.save(state, hf / "pytorch_model.bin")
+        return hf
+    return write
+
+
+def _remove(directory, name):
+    os.remove(os.path.join(directory, name))
+    return directory
+
+
+LAYOUT_REFUSALS = {
+    "no-weights": (lambda t: _remove(gpt2_dir(t), "pytorch_model.bin"),
+                   "no weights file (model.safetensors, pytorch_model.bin or a sharded index) in "),
+    "shards-without-index": (lambda t: _remove(gpt2_dir(t, "sharded-safetensors"), "model.safetensors.index.json"),
+                             "sharded checkpoint without its index: "),
+    "missing-shard": (lambda t: _remove(gpt2_dir(t, "sharded-bin"), "pytorch_model-00002-of-00003.bin"),
+                      "sharded checkpoint incomplete: "),
+    "mask-not-causal": (_buffers(lambda s: s["h.1.attn.bias"].fill_(1.0)),
+                        "h.1.attn.bias is not GPT-2's causal mask buffer: it does not hold the lower triangle"),
+    "mask-wrong-size": (_buffers(lambda s: s.__setitem__("h.0.attn.bias", s["h.0.attn.bias"][:, :, :4, :4])),
+                        "h.0.attn.bias is not GPT-2's causal mask buffer: shape (1, 1, 4, 4)"),
+    "masked-bias-wrong": (_buffers(lambda s: s["h.0.attn.masked_bias"].fill_(-1e9)),
+                          "h.0.attn.masked_bias is not GPT-2's masked_bias buffer"),
+}
+
+
+@pytest.mark.parametrize("cause", sorted(LAYOUT_REFUSALS))
+def test_layout_refusals_are_one_line_naming_the_cause(cause, tmp_path, capsys):
+    make, message = LAYOUT_REFUSALS[cause]
+    hf = make(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        load_hf_dir(hf)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    code, _, err = cli(capsys, FROM_TORCH, hf, tmp_path / "native")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+class NotATensor:
+    pass
+
+
+def test_bin_is_read_with_the_weights_only_loader(tmp_path):
+    import torch
+
+    hf = gpt2_dir(tmp_path)
+    state = torch.load(hf / "pytorch_model.bin", weights_only=True)
+    state["payload"] = NotATensor()  # unpickling this would run arbitrary code in a real attack
+    torch.save(state, hf / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"^cannot read .*pytorch_model\.bin with torch's weights-only "
+                                              r"loader: ") as info:
+        load_hf_dir(hf)
+    assert "\n" not in str(info.value)
+
+
+def test_key_mismatch_is_one_short_line(tmp_path):
+    cfg = tiny_config("rh-lr")
+    state = flax_to_torch_state(random_params(cfg), cfg)
+    with pytest.raises(ConversionError) as info:
+        torch_to_flax_params(state, tiny_config("gpt2", n_layer=3))
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert "unexpected 2 key(s): transformer.h.{0-1}.attn.rope.frequencies" in msg
+    assert "missing 12 key(s): transformer.h.2.* (12 keys)" in msg

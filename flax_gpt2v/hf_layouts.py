@@ -21,11 +21,12 @@ import numpy as np
 
 from .checkpoint import CheckpointError, _read_safetensors
 from .config import HF_MUST_BE, ConfigError, load_config, read_json
+from .keymap import check_weights
 
 CONFIG_FILE = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # transformers' order
+READ_ORDER = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # transformers' order
 _SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 PREFIX = "transformer."
 # Top-level names of GPT2Model's state dict (and the variants'): those the prefix goes on.
@@ -80,12 +81,12 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         model_cfg["use_norm"] = any(".attn.rope.layer_norm." in k for k in tensors)
     cfg = load_config(model_cfg)
     tensors = drop_attention_buffers(tensors, cfg["n_positions"], raw.get("n_ctx"))
-    return cfg, to_float32(tensors)
+    return cfg, to_float32(tensors, os.fspath(path))
 
 
 def weights_file(path: str | os.PathLike) -> str:
     """The weights (or index) file of an HF directory that transformers would read."""
-    for name in WEIGHT_FILES:
+    for name in READ_ORDER:
         if os.path.isfile(os.path.join(path, name)):
             return name
     shards = sorted(f for f in os.listdir(path) if _SHARD.match(f))
@@ -96,7 +97,7 @@ def weights_file(path: str | os.PathLike) -> str:
 
 
 def has_weights(path: str | os.PathLike) -> bool:
-    return os.path.isdir(path) and (any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES)
+    return os.path.isdir(path) and (any(os.path.isfile(os.path.join(path, n)) for n in READ_ORDER)
                                     or any(_SHARD.match(f) for f in os.listdir(path)))
 
 
@@ -203,16 +204,10 @@ def drop_attention_buffers(tensors: dict[str, Any], n_positions: int, n_ctx: int
     return out
 
 
-def to_float32(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+def to_float32(tensors: dict[str, Any], where: str) -> dict[str, np.ndarray]:
     """float16/bfloat16/float32/float64 tensors as float32 numpy; non-float or non-finite refused."""
-    import torch
-
-    out = {}
-    for key, t in tensors.items():
-        if not t.dtype.is_floating_point:
-            raise CheckpointError(f"weight {key} is {t.dtype}, not a float tensor")
-        a = t.float()  # widening from 16 bits is exact; numpy has no bfloat16
-        if not torch.isfinite(a).all():
-            raise CheckpointError(f"weight {key} holds non-finite values (NaN or inf)")
-        out[key] = a.numpy()
+    # Widening from 16 bits is exact; numpy has no bfloat16. Non-float tensors stay as they are
+    # for check_weights to name.
+    out = {k: (t.float() if t.dtype.is_floating_point else t).numpy() for k, t in tensors.items()}
+    check_weights(out, f"{where}: cannot import")
     return out

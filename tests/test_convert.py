@@ -576,11 +576,11 @@ REFUSALS = {
     "mixed-prefix": ({}, _mixed_prefix, "keys lack the `transformer.` prefix that others have: 1 key(s), "
                                         "e.g. ln_f.weight"),
     "nan": ({}, lambda s: s["transformer.h.1.mlp.c_fc.weight"].__setitem__((0, 0), float("nan")),
-            "weight transformer.h.1.mlp.c_fc.weight holds non-finite values"),
+            "transformer.h.1.mlp.c_fc.weight has 1 non-finite value(s) (NaN/inf)"),
     "inf": ({}, lambda s: s["transformer.wpe.weight"].__setitem__((3, 1), float("-inf")),
-            "weight transformer.wpe.weight holds non-finite values"),
+            "transformer.wpe.weight has 1 non-finite value(s) (NaN/inf)"),
     "int": ({}, lambda s: s.__setitem__("transformer.ln_f.bias", s["transformer.ln_f.bias"].long()),
-            "weight transformer.ln_f.bias is torch.int64, not a float tensor"),
+            "transformer.ln_f.bias is int64, not floating point"),
 }
 
 

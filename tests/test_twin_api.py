@@ -388,3 +388,26 @@ def test_torch_compile_equals_eager(variant, export_dir):
         got = compiled(input_ids, output_hidden_states=True)
     torch.testing.assert_close(got.logits, want.logits, **FP32_TOL)
     torch.testing.assert_close(got.hidden_states, want.hidden_states, **FP32_TOL)
+
+
+@pytest.mark.parametrize("model_type, extra", [("dd-gpt2", {}), ("rotating-head-gpt2", dict(use_norm=True))])
+def test_fresh_base_and_lm_models_initialise_as_the_original(model_type, extra):
+    """SPEC 1, 2, 5 init, whichever class is built: c_proj N(0, 0.02 / sqrt(2 n_layer)), drift and diffusion
+    N(0, 1), baseline N(0, 1e-3), learned frequencies N(0, 1), the frequencies' LayerNorm 1 and 0."""
+    config_class, model_class, _ = TWINS[model_type]
+    config = config_class(vocab_size=V, n_positions=16, n_embd=512, n_head=8, n_layer=2)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    expected = {"attn.c_attn.weight": 0.02, "attn.c_proj.weight": 0.01, "mlp.c_proj.weight": 0.01,
+                "attn.drift_param": 1.0, "attn.baseline": 1e-3, "attn.diffusion_param": 1.0,
+                "attn.rope.frequencies": 1.0}
+    for cls in (model_class, model_class.base_model_class):
+        torch.manual_seed(0)
+        state = {k.removeprefix("transformer."): v for k, v in cls(config).state_dict().items()}
+        stds = {name: state[f"h.1.{name}"].std().item() for name in expected if f"h.1.{name}" in state}
+        assert len(stds) == (6 if model_type == "dd-gpt2" else 4), (cls.__name__, stds)
+        for name, std in stds.items():
+            assert 0.8 * expected[name] < std < 1.2 * expected[name], (cls.__name__, name, std)
+        if model_type == "rotating-head-gpt2":
+            assert torch.equal(state["h.1.attn.rope.layer_norm.weight"], torch.ones(32))
+            assert torch.equal(state["h.1.attn.rope.layer_norm.bias"], torch.zeros(32))

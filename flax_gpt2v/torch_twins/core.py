@@ -43,6 +43,7 @@ def refuse_unsupported(model, kwargs):
 
 
 def one_cache(cache, past_key_values):
+    """The KV cache, under either of its names."""
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the KV cache as cache or as past_key_values, not both")
     return past_key_values if cache is None else cache
@@ -297,7 +298,7 @@ class CoreGPT2Model(CoreGPT2PreTrainedModel):
         length = inputs_embeds.shape[1]
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is not None:
-            position_ids = position_ids.view(-1, length)
+            position_ids = position_ids.reshape(-1, length)
         positions, allowed = self.layout(length, past_length, position_ids, inputs_embeds.device)
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] != past_length + length:
@@ -312,7 +313,7 @@ class CoreGPT2Model(CoreGPT2PreTrainedModel):
                 allowed = allowed & attention_mask.bool()[:, None, None, :]
         x = inputs_embeds + self.wpe(positions)
         if token_type_ids is not None:
-            x = x + self.wte(token_type_ids.view(-1, length))
+            x = x + self.wte(token_type_ids.reshape(-1, length))
         record = Recorder(output_hidden_states, output_attentions)
         x = self.ln_f(self.run_blocks(self.drop(x), positions, allowed, cache, record))
         output = BaseModelOutputWithPastAndCrossAttentions(
@@ -365,6 +366,7 @@ class CoreGPT2LMHeadModel(CoreGPT2PreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """GPT2LMHeadModel.forward; arguments as in CoreGPT2Model.forward."""
+        refuse_unsupported(self, kwargs)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         base = self.transformer(
             input_ids,
@@ -378,7 +380,6 @@ class CoreGPT2LMHeadModel(CoreGPT2PreTrainedModel, GenerationMixin):
             output_hidden_states,
             return_dict=True,
             past_key_values=past_key_values,
-            **kwargs,
         )
         # logits_to_keep: an int keeps the last that many positions (0: all), a tensor the positions it lists.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -46,7 +46,8 @@ def hf_gpt2(path, vocab=257, seed=0, **kw):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=TINY["n_positions"], n_embd=TINY["n_embd"],
                                      n_layer=TINY["n_layer"], n_head=TINY["n_head"], resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+                                     **kw)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -57,7 +58,7 @@ def hf_gpt2(path, vocab=257, seed=0, **kw):
 
 def cfg_from(ckpt, out, **kw):
     """test_train's tiny run, started from `ckpt`; TINY's sizes repeat the checkpoint's."""
-    return tiny_config(kw.pop("model_type", "gpt2"), out, model_name_or_path=str(ckpt), **kw)
+    return tiny_config(kw.pop("model_type", "gpt2"), out, model_name_or_path=str(ckpt), **{"warmup_steps": 1, **kw})
 
 
 def test_step_zero_is_the_transformers_checkpoint(tmp_path):

@@ -40,7 +40,11 @@ def find_run_config(path: str) -> dict | None:
     for d in (path, os.path.dirname(os.path.abspath(path))):
         f = os.path.join(d, RUN_CONFIG)
         if os.path.isfile(f):
-            return read_json(f)
+            run = read_json(f)
+            bad = [k for k in ("model", "train", "data") if not isinstance(run.get(k, {}), dict)]
+            if bad:
+                raise EvalError(f"{f}: '{bad[0]}' is not an object, so the trainer did not write this file")
+            return run
     return None
 
 

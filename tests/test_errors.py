@@ -375,6 +375,15 @@ def test_eval_on_a_checkpoint_whose_keys_do_not_match(tmp_path, capsys):
     fails_cleanly(capsys, tmp_path, eval_jax.main, ["--checkpoint", ck, "--generate", "a"], "transformer/h/2/")
 
 
+def test_eval_with_a_junk_run_config(tmp_path, capsys):
+    ck = tmp_path / "run"
+    perturbed_lm("gpt2").save(ck)  # no tokenizer files: the run's data keys name the tokenizer
+    for junk in ("{not json", '{"train": [1]}'):
+        (ck / "run_config.json").write_text(junk)
+        fails_cleanly(capsys, tmp_path, eval_jax.main, ["--checkpoint", ck, "--generate", "a"],
+                      ck / "run_config.json")
+
+
 def test_eval_and_benchmark_filesystem_errors_as_processes(tmp_path):
     script_fails_cleanly(tmp_path, "eval_jax.py", ["--compare", tmp_path / "no-run"], tmp_path / "no-run")
     script_fails_cleanly(tmp_path, "benchmark.py", ["--config", tmp_path / "missing.json"], "missing.json")

@@ -31,9 +31,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 EXPORT_DTYPES = ("float32", "bfloat16")
-# Weight files of every checkpoint layout we know, ours or not: a directory holding one is a checkpoint.
-WEIGHT_FILES = (NATIVE_WEIGHTS, HF_WEIGHTS, "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "flax_model.msgpack", "tf_model.h5")
+# Weights of other frameworks' checkpoints (ours and every HF layout we read aside), for check_destination.
+OTHER_WEIGHT_FILES = ("flax_model.msgpack", "tf_model.h5")
 # What the trainer writes into every output_dir (train.py), and what Orbax writes into a checkpoint.
 RUN_MARKERS = ("run_config.json", "checkpoints")
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
@@ -214,10 +213,12 @@ def check_destination(src: str | os.PathLike, dst: str | os.PathLike, kind: str)
                               "write to a directory outside it")
     if _is_orbax(d, names):
         raise CheckpointError(f"{dst} is an Orbax checkpoint; write to another directory")
+    from .hf_layouts import READ_ORDER  # it imports this module
+    weight_files = {NATIVE_WEIGHTS, *READ_ORDER, *OTHER_WEIGHT_FILES}  # a directory with one is a checkpoint
     weights = {NATIVE_WEIGHTS if kind == "native" else HF_WEIGHTS}
-    if CONFIG_FILE in names and names & set(WEIGHT_FILES) == weights:
+    if CONFIG_FILE in names and names & weight_files == weights:
         return  # a `kind` checkpoint: replaced with force only
-    others = sorted(names & set(WEIGHT_FILES) - weights)
+    others = sorted(names & weight_files - weights)
     if others:
         raise CheckpointError(f"{dst} is another kind of checkpoint (it has {', '.join(others)}); "
                               f"refusing to write a {'native' if kind == 'native' else 'Hugging Face'} "

@@ -24,6 +24,7 @@ from flax_gpt2v.config import ConfigError
 from flax_gpt2v.keymap import flatten_params, torch_to_flax_params
 from flax_gpt2v.tokenizer import load_tokenizer
 from helpers import FP32_TOL, write_small_tokenizer
+from test_convert import openai_config, reference_gpt2, save_layout
 from test_train import ROOT, TINY, corpus, read_metrics, tiny_config
 
 # Chosen once: the trainer's fp32 chunked loss against transformers' loss on the same rows.
@@ -211,6 +212,46 @@ def test_cached_hub_id_resolves_offline_with_its_tokenizer(tmp_path, monkeypatch
     params = pretrained.initial_params(train, cfg, fg.init(cfg).params, 0, lines.append)
     assert params["transformer"]["wte"]["embedding"].shape == (384, 32)
     assert any("resized from 300 to 301 rows" in line for line in lines), lines
+
+
+def test_recipe_from_the_published_gpt2_layout(tmp_path, monkeypatch):
+    """The README recipe on a Hub id cached in the OpenAI gpt2 repos' layout (pytorch_model.bin only,
+    GPT2Model key names, attention buffers, old config keys) with its tokenizer: rotating heads
+    train from it; in a gpt2 model its weights give transformers' logits."""
+    from huggingface_hub import constants
+
+    model = reference_gpt2(0, vocab_size=300)
+    src = tmp_path / "src"
+    save_layout(src, model.state_dict(), openai_config(model.config), "openai-bin")
+    text = open(os.path.join(ROOT, "README.md")).read()
+    write_small_tokenizer(src, [text], vocab_size=300)
+    _hub_cache(tmp_path / "hub", "openai-community/gpt2", src)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "train.txt").write_text(text)
+    run = {"model_name_or_path": "openai-community/gpt2", "model_type": "rotating-head-gpt2", "rotatinghead": "lr",
+           "train_file": str(tmp_path / "train.txt"), "block_size": 16, "per_device_train_batch_size": 4,
+           "max_steps": 2, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "bf16": False,
+           "gradient_checkpointing": False, "export_hf": False, "report_to": "none", "seed": 0,
+           "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "hub")}
+    lines = []
+    tr.train(run, log=lines.append)
+    text_log = "\n".join(lines)
+    assert "initialised from openai-community/gpt2 (gpt2" in text_log
+    assert "rotating-head-gpt2 (rotatinghead=lr" in text_log and "transformer/h/*/attn/rope/frequencies" in text_log
+    assert "embeddings resized from 300 to 301 rows" in text_log
+    trained = fg.load(tmp_path / "run")
+    assert (trained.config["n_inner"], trained.config["layer_norm_epsilon"], trained.config["vocab_size"]) == \
+        (40, 1e-3, 301)
+
+    cfg = tr.load_run_config({"model_name_or_path": "openai-community/gpt2", "vocab_size": 301})[1]
+    params = pretrained.initial_params({"model_name_or_path": "openai-community/gpt2"}, cfg, fg.init(cfg).params,
+                                       0, lambda m: None)
+    ids = np.random.default_rng(1).integers(0, 300, (2, 24))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    # The added <|MASK|> row only adds a column: the old tokens' logits are transformers'.
+    np.testing.assert_allclose(np.asarray(fg.LM(cfg, params)(ids))[..., :300], ref, **FP32_TOL)
 
 
 def test_uncached_hub_id_offline_is_one_line(tmp_path):

@@ -116,8 +116,9 @@ tr.train(t.tiny_config({model_type!r}, {out!r}, **{extra!r}), prepared=t.corpus(
 
 def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
     # A variant with a modeling file; hub_token given in the config (kept out of every file written).
-    extra = dict(max_steps=4, save_steps=2, eval_steps=2, logging_steps=2, export_hf=True, push_to_hub=True,
-                 hub_model_id="tiny-rotating", hub_token=TOKEN, hub_private_repo=True)
+    # The warmup spans the first two steps, so a run stopped at step 2 has the same learning rates.
+    extra = dict(max_steps=4, warmup_steps=2, save_steps=2, eval_steps=2, logging_steps=2, export_hf=True,
+                 push_to_hub=True, hub_model_id="tiny-rotating", hub_token=TOKEN, hub_private_repo=True)
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
     hub = FakeHub()

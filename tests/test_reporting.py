@@ -131,7 +131,8 @@ def test_missing_package_is_one_line_and_training_goes_on(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     out = tmp_path / "run"
     lines = []
-    summary = tr.train(t.tiny_config("gpt2", out, report_to=["wandb"], max_steps=2, eval_steps=2, save_steps=2),
+    summary = tr.train(t.tiny_config("gpt2", out, report_to=["wandb"], max_steps=2, warmup_steps=1,
+                                     eval_steps=2, save_steps=2),
                        prepared=t.corpus(), log=lines.append)
     notes = [m for m in lines if m.startswith("report_to")]
     assert notes == ["report_to wandb: wandb is not installed (pip install wandb); not reporting there"]

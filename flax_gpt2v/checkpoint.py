@@ -20,7 +20,8 @@ import safetensors
 import safetensors.numpy
 
 from .config import HF_MUST_BE, load_config, read_json
-from .keymap import check_flax_params, check_weights, flatten_params, flax_to_torch_state, torch_to_flax_params, unflatten_params
+from .keymap import (check_flax_params, check_weights, flatten_params, flax_to_torch_state,
+                     torch_to_flax_params, unflatten_params)
 
 # 2: the embedding holds config.padded_vocab rows (zero beyond vocab_size).
 NATIVE_FORMAT = 2

@@ -118,7 +118,8 @@ def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
     # A variant with a modeling file; hub_token given in the config (kept out of every file written).
     # The warmup spans the first two steps, so a run stopped at step 2 has the same learning rates.
     extra = dict(max_steps=4, warmup_steps=2, save_steps=2, eval_steps=2, logging_steps=2, export_hf=True,
-                 push_to_hub=True, hub_model_id="tiny-rotating", hub_token=TOKEN, hub_private_repo=True)
+                 push_to_hub=True, hub_model_id="tiny-rotating", hub_token=TOKEN, hub_private_repo=True,
+                 hub_strategy="all_checkpoints")
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
     hub = FakeHub()
@@ -132,11 +133,13 @@ def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
     assert hub.unexpected == []
     assert hub.repos == {(f"{USER}/tiny-rotating", "private")}
     assert [(c["repo"], c["message"]) for c in hub.commits] == [
-        (f"{USER}/tiny-rotating", "Training in progress, step 2"), (f"{USER}/tiny-rotating", "End of training")]
+        (f"{USER}/tiny-rotating", "Training in progress, step 2"), (f"{USER}/tiny-rotating", "Checkpoint at step 2"),
+        (f"{USER}/tiny-rotating", "End of training")]
     final = read_dir(out / "hf")
     assert {"config.json", "model.safetensors", "generation_config.json"} <= set(final)
     assert any(name.endswith(".py") for name in final)  # the variant's modeling file
-    assert hub.commits[1]["files"] == final
+    assert hub.commits[2]["files"] == final
+    assert hub.commits[1]["files"] == {f"checkpoint-2/{name}": data for name, data in hub.commits[0]["files"].items()}
     # The step-2 push is the export of the parameters at step 2: the same run stopped there exports them.
     ref = tmp_path / "ref"
     tr.train(t.tiny_config("rotating-head-gpt2", ref, **{**extra, "max_steps": 2, "push_to_hub": False}),
@@ -146,6 +149,24 @@ def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
     assert not (out / ".hub-push").exists()
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert TOKEN.encode() not in written
+
+
+def test_hub_strategy_end_pushes_once(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    hub = FakeHub()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    out = tmp_path / "run"
+    lines = []
+    with hub.running():
+        tr.train(t.tiny_config("gpt2", out, max_steps=4, save_steps=1, eval_steps=2, export_hf=True, push_to_hub=True,
+                               hub_model_id="team/tiny", hub_token=TOKEN, hub_strategy="end"),
+                 prepared=t.corpus(), log=lines.append)
+    assert not [m for m in lines if "push_to_hub" in m] and hub.unexpected == []
+    assert hub.repos == {("team/tiny", None)}
+    assert [(c["repo"], c["message"]) for c in hub.commits] == [("team/tiny", "End of training")]
+    assert hub.commits[0]["files"] == read_dir(out / "hf")
 
 
 def closed_port_endpoint():

@@ -48,7 +48,7 @@ def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
     if os.path.exists(name_or_path):
         raise ConfigError(f"config key 'model_name_or_path': {name_or_path} is not a directory")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     from .tokenizer import hub_reachable
 
@@ -66,6 +66,9 @@ def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
                 path = fetch(HUB_PATTERNS, False)
         if path is not None and not any(f.endswith(".safetensors") for f in os.listdir(path)):
             path = fetch(HUB_PATTERNS + HUB_BIN_PATTERNS, not hub_reachable())
+    except RepositoryNotFoundError:
+        raise ConfigError(f"config key 'model_name_or_path': {name_or_path!r} is neither a local directory nor a "
+                          "model repository on the Hub (or it is private and no token is set)") from None
     except HFValidationError:
         raise ConfigError(f"config key 'model_name_or_path': {name_or_path!r} is neither a local directory "
                           "nor a valid Hub id") from None

@@ -73,9 +73,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    # HF_ENDPOINT may name a mirror on its own port.
+    port = url.port or (80 if url.scheme == "http" else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
         return True
     except OSError:
         return False

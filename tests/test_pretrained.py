@@ -3,12 +3,17 @@ checked against transformers' own GPT2LMHeadModel, its save_pretrained files and
 resize_token_embeddings, and against huggingface_hub's cache layout."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jax
 import numpy as np
@@ -252,6 +257,99 @@ def test_recipe_from_the_published_gpt2_layout(tmp_path, monkeypatch):
         ref = model(torch.from_numpy(ids)).logits.numpy()
     # The added <|MASK|> row only adds a column: the old tokens' logits are transformers'.
     np.testing.assert_allclose(np.asarray(fg.LM(cfg, params)(ids))[..., :300], ref, **FP32_TOL)
+
+
+class DownloadHub:
+    """A stand-in Hub on 127.0.0.1 serving one model repository from a directory: just the
+    endpoints huggingface_hub's snapshot_download calls (revision info, file tree, resolve)."""
+    SHA = "c" * 40
+
+    def __init__(self, repo, directory):
+        files = {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))}
+        self.downloaded = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body, content_type="application/json", **headers):
+                self.send_response(status)
+                for k, v in {"Content-Type": content_type, **headers}.items():
+                    self.send_header(k.replace("_", "-"), v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path == f"/api/models/{repo}/revision/main":
+                    siblings = [{"rfilename": f} for f in files]
+                    return self.send(200, json.dumps({"id": repo, "sha": hub.SHA, "siblings": siblings}).encode())
+                if path == f"/api/models/{repo}/tree/{hub.SHA}":
+                    tree = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                            for f, d in files.items()]
+                    return self.send(200, json.dumps(tree).encode())
+                m = re.fullmatch(f"/{repo}/resolve/{hub.SHA}/(.+)", path)
+                if m and m.group(1) in files:
+                    data = files[m.group(1)]
+                    if self.command == "GET":
+                        hub.downloaded.append(m.group(1))
+                    return self.send(200, data, "application/octet-stream", X_Repo_Commit=hub.SHA,
+                                     ETag=f'"{hashlib.sha1(data).hexdigest()}"')
+                self.send(404, b'{"error": "Repository not found"}', X_Error_Code="RepoNotFound")
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+
+    @contextlib.contextmanager
+    def running(self):
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join()
+
+
+def test_hub_id_downloads_what_training_needs(tmp_path):
+    """Online, a Hub id is downloaded into the cache: config, tokenizer and the weights it has
+    (.bin when there is no safetensors), not the other frameworks' files; an unknown id is one line."""
+    model = reference_gpt2(0, vocab_size=300)
+    src = tmp_path / "repo"
+    save_layout(src, model.state_dict(), openai_config(model.config), "openai-bin")
+    write_small_tokenizer(src, [open(os.path.join(ROOT, "README.md")).read()], vocab_size=300)
+    (src / "tf_model.h5").write_bytes(b"TensorFlow weights training must not download")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_HUB_CACHE", None)
+    script = ("from flax_gpt2v import train as tr; import json, sys; "
+              "_, cfg, _, t = tr.load_run_config({'model_name_or_path': sys.argv[1]}); "
+              "print(json.dumps([cfg['n_layer'], cfg['n_inner'], t['tokenizer_name']]))")
+    with DownloadHub("openai-community/gpt2", src).running() as hub:
+        env["HF_ENDPOINT"] = hub.endpoint
+        r = subprocess.run([sys.executable, "-c", script, "openai-community/gpt2"], capture_output=True, text=True,
+                           cwd=ROOT, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        n_layer, n_inner, tokenizer = json.loads(r.stdout.splitlines()[-1])
+        assert (n_layer, n_inner) == (2, 40)
+        snapshot = tmp_path / "hf" / "hub" / "models--openai-community--gpt2" / "snapshots" / hub.SHA
+        assert tokenizer == str(snapshot)
+        assert sorted(os.listdir(snapshot)) == sorted(f for f in os.listdir(src) if f != "tf_model.h5")
+        assert "tf_model.h5" not in hub.downloaded
+
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(json.dumps({"model_name_or_path": "org/none", "output_dir": str(tmp_path / "run")}))
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config", str(cfg)],
+                           capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 2
+    assert r.stderr == ("error: config key 'model_name_or_path': 'org/none' is neither a local directory nor a "
+                        "model repository on the Hub (or it is private and no token is set)\n")
 
 
 def test_uncached_hub_id_offline_is_one_line(tmp_path):

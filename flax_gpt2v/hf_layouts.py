@@ -167,14 +167,15 @@ def _read_file(file: str) -> dict[str, Any]:
 
 def canonical_keys(tensors: dict[str, Any]) -> dict[str, Any]:
     """GPT2Model naming -> GPT2LMHeadModel naming (`transformer.` prefix); the prefix must be all or none."""
-    bare = [k for k in tensors if not k.startswith(PREFIX) and k != "lm_head.weight"]
+    head = "lm_head.weight"
+    bare = [k for k in tensors if not k.startswith(PREFIX) and k != head]
     if not bare:
         return dict(tensors)
-    if len(bare) < len(tensors):
+    if any(k.startswith(PREFIX) for k in tensors):
         raise CheckpointError(f"keys lack the `{PREFIX}` prefix that others have: {len(bare)} key(s), e.g. {bare[0]}")
     if not any(k.startswith(_BASE_NAMES) for k in bare):
         raise CheckpointError(f"keys lack the `{PREFIX}` prefix and are not GPT2Model's either, e.g. {sorted(bare)[0]}")
-    return {PREFIX + k: v for k, v in tensors.items()}
+    return {(k if k == head else PREFIX + k): v for k, v in tensors.items()}
 
 
 def drop_attention_buffers(tensors: dict[str, Any], n_positions: int, n_ctx: int | None = None) -> dict[str, Any]:

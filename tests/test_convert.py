@@ -513,7 +513,7 @@ def test_gpt2_layouts_give_transformers_logits(layout, tmp_path, capsys):
     assert_same_tree(lm.params, load_native(tmp_path / "native")[1])
 
 
-@pytest.mark.parametrize("layout", ["bin", "sharded-safetensors", "sharded-bin", "openai-bin"])
+@pytest.mark.parametrize("layout", ["bin", "sharded-safetensors", "sharded-bin", "openai-bin", "openai-safetensors"])
 @pytest.mark.parametrize("case", ORIGINAL_CASES)
 def test_original_checkpoints_in_every_layout(case, layout, tmp_path):
     import torch
@@ -524,6 +524,11 @@ def test_original_checkpoints_in_every_layout(case, layout, tmp_path):
     if layout == "bin":  # torch.save of the full state dict keeps the tied head
         state["lm_head.weight"] = state["transformer.wte.weight"]
     save_layout(tmp_path, state, config, layout)
+    if layout == "openai-safetensors":  # a base-model state dict saved next to the tied head
+        import safetensors.torch
+        base = safetensors.torch.load_file(tmp_path / "model.safetensors")
+        base["lm_head.weight"] = base["wte.weight"].clone()
+        safetensors.torch.save_file(base, tmp_path / "model.safetensors", metadata={"format": "pt"})
     cfg, params = load_hf_dir(tmp_path)
     expected_cfg, expected = load_hf_dir(os.path.join(FIXTURES, case))
     assert cfg == expected_cfg
@@ -642,6 +647,31 @@ def test_layout_refusals_are_one_line_naming_the_cause(cause, tmp_path, capsys):
 
 class NotATensor:
     pass
+
+
+def test_safetensors_is_read_before_bin_as_in_transformers(tmp_path):
+    import torch
+
+    hf = gpt2_dir(tmp_path, layout="safetensors")
+    cfg = tiny_config("gpt2")
+    torch.save({k: torch.from_numpy(v) for k, v in flax_to_torch_state(random_params(cfg, seed=1), cfg).items()},
+               hf / "pytorch_model.bin")
+    assert_same_tree(random_params(cfg), load_hf_dir(hf)[1])
+
+
+def test_missing_sizes_mean_transformers_gpt2_defaults(tmp_path):
+    import torch
+    from transformers import GPT2Config
+
+    defaults = GPT2Config()
+    cfg = tiny_config("gpt2", n_layer=1, n_embd=24, n_head=defaults.n_head, vocab_size=defaults.vocab_size,
+                      n_positions=defaults.n_positions)
+    state = {k: torch.from_numpy(v) for k, v in flax_to_torch_state(random_params(cfg), cfg).items()}
+    # An old config.json written without the keys that equalled GPT2Config's defaults.
+    save_layout(tmp_path, state, {"model_type": "gpt2", "n_layer": 1, "n_embd": 24}, "bin")
+    got, _ = load_hf_dir(tmp_path)
+    assert [got[k] for k in ("n_head", "vocab_size", "n_positions", "bos_token_id", "eos_token_id")] == \
+        [defaults.n_head, defaults.vocab_size, defaults.n_positions, defaults.bos_token_id, defaults.eos_token_id]
 
 
 def test_bin_is_read_with_the_weights_only_loader(tmp_path):

@@ -1,7 +1,8 @@
 """Train a model: `python train_jax.py --config configs/X.json [--key value ...]`.
 
 Any config key can be overridden (`--max_steps 40`, `--output_dir runs/demo`,
-`--mesh.fsdp 4`); values are parsed as JSON when possible. Rerunning with the
+`--mesh.fsdp 4`); values are parsed as JSON when possible, and `--key null`
+removes a key (its default applies). Rerunning with the
 same output_dir resumes from its last checkpoint. See flax_gpt2v/train.py.
 """
 import json
@@ -11,7 +12,7 @@ from flax_gpt2v.cli import run_cli
 
 
 def help_text() -> str:
-    from flax_gpt2v.train import ALIASES, DATA_HELP, DEFAULTS, IGNORED_KEYS, OPTION_HELP
+    from flax_gpt2v.train import DATA_HELP, DEFAULTS, IGNORED_KEYS, OPTION_HELP
 
     def rows(items):
         return [f"  --{key} {value}\n      {meaning}" for key, value, meaning in items]
@@ -22,9 +23,9 @@ def help_text() -> str:
         *rows((k, json.dumps(DEFAULTS.get(k)), meaning) for k, meaning in OPTION_HELP.items()),
         "\ndata options:",
         *rows((k, default, meaning) for k, (default, meaning) in DATA_HELP.items()),
-        "\naliases: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()),
-        "model keys (model_type, n_layer, n_embd, ...; README, SPEC 1-5) are overridden the same way.",
-        "accepted and ignored (PyTorch / HF Trainer only): " + ", ".join(sorted(IGNORED_KEYS)),
+        "\nmodel keys (model_type, n_layer, n_embd, ...; README, SPEC 1-5) are overridden the same way.",
+        "--KEY null removes KEY from the config, so that its default applies (e.g. --dataset null).",
+        "accepted, no effect here (named once in the log): " + ", ".join(sorted(IGNORED_KEYS)),
     ])
 
 

@@ -97,6 +97,9 @@ TRAINING_KEYS = {
     "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",
     "preprocessing_num_workers", "max_eval_samples", "max_train_samples", "streaming",
     "validation_split_percentage", "cache_dir", "export_hf", "distributed",
+    # the rest of the original's files (SPEC 9); original_experiments says what each does here
+    "train_files", "include_for_metrics", "model_revision", "use_fast_tokenizer", "tokenizer_file",
+    "overwrite_cache", "should_log", "use_cpu", "keep_in_memory",
 }
 
 _INT = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
@@ -210,14 +213,19 @@ def _check_values(cfg: dict, train: dict) -> None:
             cfg["mask_token_id"] = cfg["vocab_size"] - 1
         if cfg["mask_token_id"] >= cfg["vocab_size"]:
             raise _err("mask_token_id", f"{cfg['mask_token_id']} is outside the vocabulary of {cfg['vocab_size']}")
+    lengths = {}
     for key in ("block_size", "max_seq_length"):
         n = train.get(key)
         if n is None:
             continue
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise _err(key, f"must be a positive integer, got {n!r}")
-        if n > cfg["n_positions"]:
-            raise _err(key, f"sequence length {n} is longer than the {cfg['n_positions']} positions "
+        lengths[key] = n
+    if lengths:
+        # The block length is the shorter of the two, as in the original's run_clm.
+        key = min(lengths, key=lengths.get)
+        if lengths[key] > cfg["n_positions"]:
+            raise _err(key, f"sequence length {lengths[key]} is longer than the {cfg['n_positions']} positions "
                             "the model has (n_positions)")
 
 

@@ -99,7 +99,8 @@ def data_config(model_dir: str, validation_file: str | None, block_size: int | N
 
 # The keys data.DataSpec reads (the trainer's DATA_KEYS plus block and seed keys).
 DATA_KEYS_ALL = {"dataset", "train_file", "validation_file", "tokenizer_name", "max_eval_samples",
-                 "validation_split_percentage", "cache_dir", "seed", "data_seed", "block_size"}
+                 "validation_split_percentage", "cache_dir", "seed", "data_seed", "block_size",
+                 "train_files", "max_train_samples", "batch_size", "streaming"}
 
 
 def validation_blocks(cfg: dict, tokenizer: Tokenizer | None, cache_dir: str,

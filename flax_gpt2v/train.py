@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import checkpoint, ops, pretrained, reporting, sharding
+from . import checkpoint, ops, original_experiments, pretrained, reporting, sharding
 from .config import TRAINING_KEYS, ConfigError, read_json, split_config
 from .hub import HubPush
 from .keymap import num_params as count_params
@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = dict(
 OPTION_HELP = dict(
     run_name="name of the run in the logs, TensorBoard and wandb",
     output_dir="run directory (checkpoints/, best/, metrics.jsonl, tb/, the final model); rerun to resume",
-    per_device_train_batch_size="blocks per device in a micro-batch (alias batch_size)",
+    per_device_train_batch_size="blocks per device in a micro-batch",
     per_device_eval_batch_size="blocks per device in an evaluation batch (null: the training one)",
     gradient_accumulation_steps="micro-batches summed into one optimizer step",
     learning_rate="peak AdamW learning rate, >= 0",
@@ -69,7 +69,8 @@ OPTION_HELP = dict(
     max_grad_norm="clip the global gradient norm to this, > 0",
     bf16="compute in bfloat16 (parameters and optimizer state stay float32)",
     gradient_checkpointing="recompute activations in the backward pass to save memory",
-    block_size="tokens per block (alias max_seq_length; null: 1024, 512 for duo-predict, at most n_positions)",
+    block_size="tokens per block, the shorter of block_size and max_seq_length (null: 1024, 512 for duo-predict, "
+               "at most n_positions)",
     remat_policy="what gradient checkpointing keeps: dots (matmul outputs) or full (nothing)",
     scan_layers="run the layers as one lax.scan (compile time flat in depth)",
     attention_implementation=f"attention kernel: {', '.join(ATTENTION_IMPLEMENTATIONS)}",
@@ -90,19 +91,30 @@ OPTION_HELP = dict(
     hub_private_repo="create the Hub repo private (null: the Hub's default)",
     hub_strategy="what is pushed: every_save, end, all_checkpoints (each save to checkpoint-<step>/)",
     hub_token="Hub token (null: HF_TOKEN or `hf auth login`); never written to a file",
+    # HF Trainer keys of the original's files checked for the one value this trainer does.
+    eval_strategy='accepted as "steps" only: evaluation runs every eval_steps',
+    evaluation_strategy='the older name of eval_strategy: "steps" only',
+    save_strategy='accepted as "steps" only: checkpoints every save_steps',
+    logging_strategy='accepted as "steps" only: metrics every logging_steps',
+    metric_for_best_model='accepted as "eval_loss" (or "loss") only: best/ and early stopping use the eval loss',
+    greater_is_better="accepted as false only (a lower eval loss is better)",
 )
-ALIASES = {"batch_size": "per_device_train_batch_size", "max_seq_length": "block_size"}
-# Read by the data pipeline (prepare_data gets the whole training config).
+# Read by the data pipeline (prepare_data gets the whole training config). `batch_size` is the
+# original's datasets.map batch size for grouping texts into blocks, not a training batch (SPEC 9);
+# max_seq_length shortens the blocks (block length = min(block_size, max_seq_length)).
 DATA_KEYS = {"dataset", "train_file", "validation_file", "tokenizer_name", "model_name_or_path", "config_name",
              "model_name", "max_train_samples", "max_eval_samples", "validation_split_percentage", "cache_dir",
-             "preprocessing_num_workers", "streaming"}
+             "streaming", "batch_size", "max_seq_length", "train_files", "overwrite_cache"}
 # For `train_jax.py --help`: (default, meaning) of each data key.
 DATA_HELP = dict(
     dataset=("null: the embedded corpus", "a Hugging Face dataset: a name or {path, name, ...}; "
              "{source: tfds, name} for TFDS"),
     train_file=("null", "local training text (.txt, .json, .jsonl, .csv, .parquet) instead of dataset"),
     validation_file=("null", "local validation text (with train_file)"),
-    validation_split_percentage=(5, "percent of the training split used for validation when none is given"),
+    train_files=("[]", "the original's list of local training files; when not empty they replace dataset"),
+    validation_split_percentage=("null", "validation = the first P% of the training split, training = the rest "
+                                 "(the original's; a validation_file wins); null: the dataset's validation split, "
+                                 "else 5%"),
     tokenizer_name=("gpt2-medium", "tokenizer (+ <|MASK|>): a GPT-2 name (built offline), a directory "
                     "or a Hub name"),
     model_name_or_path=("null: from scratch", "checkpoint to start from: a local directory (native or HF) or a Hub "
@@ -110,15 +122,22 @@ DATA_HELP = dict(
     config_name=("null: gpt2-medium", "size preset of a model trained from scratch: gpt2, gpt2-medium, gpt2-large, "
                  "gpt2-xl"),
     model_name=("null", "the original's name of the model; not read"),
-    max_train_samples=("null: all", "use the first N training blocks"),
+    max_train_samples=("null: all", "training AND validation are the first N rows of the training split "
+                       "(the original's rule)"),
     max_eval_samples=("null: all", "use the first N validation blocks"),
     cache_dir=("null", "where Hugging Face keeps downloads (tokenized blocks: ~/.cache/flax_gpt2v)"),
-    preprocessing_num_workers=("null", "accepted for the original's files"),
-    streaming=("null", "accepted for the original's files"),
+    batch_size=("null: the whole split", "rows per datasets.map batch when grouping texts into blocks, each "
+                "batch's remainder dropped (the original's 40000; dataset.num_proc shards as map did); "
+                "not a training batch"),
+    max_seq_length=("null", "block length = min(block_size, max_seq_length), as the original"),
+    streaming=("false", "read the text as a stream while the token cache is built (same tokens)"),
+    overwrite_cache=("null", "false: read the original's pre-tokenized blocks (BluebrainAI/{name}-seq{max_seq_length}"
+                     "-tokenized-grouped, or dataset.pretokenized) when they can be had, else build them"),
 )
-# Meaningful only to PyTorch / HF Trainer: accepted so the original's files run, and listed in the log.
-# hub_token is read by hub.HubPush and kept out of Options, so that no file ever holds it.
-IGNORED_KEYS = TRAINING_KEYS - set(DEFAULTS) - set(ALIASES) - DATA_KEYS - {"hub_token"}
+# Accepted so the original's files run, changing nothing here: named once in the log, with why
+# (original_experiments.NO_EFFECT). hub_token is read by hub.HubPush and kept out of Options, so that
+# no file ever holds it.
+IGNORED_KEYS = original_experiments.NO_EFFECT_KEYS
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense, per device
 # Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
 LOGIT_CHUNK_TOKENS = 8192
@@ -174,7 +193,8 @@ class Options:
 def parse_cli(argv: list[str]) -> tuple[str, dict]:
     """`--config PATH --key value --a.b value ...` -> (config path, {dotted key: value}).
 
-    Values are JSON when they parse as JSON (numbers, true, null, lists), else strings.
+    Values are JSON when they parse as JSON (numbers, true, null, lists), else strings;
+    `--key null` removes the key from the config (apply_overrides).
     """
     config, overrides, i = None, {}, 0
     while i < len(argv):
@@ -200,27 +220,36 @@ def parse_cli(argv: list[str]) -> tuple[str, dict]:
 
 
 def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """`raw` with each dotted key set; a None value removes the key (so `--dataset null` takes an
+    original file off its Hub dataset, and every key falls back to its default)."""
     raw = json.loads(json.dumps(raw))  # deep copy: nested dicts get edited
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = raw
         for p in parents:
+            if value is None and not isinstance(node.get(p), dict):
+                node = None  # removing a key under an absent parent: nothing to remove
+                break
             if not isinstance(node.setdefault(p, {}), dict):
                 raise ConfigError(f"config key '{dotted}': '{p}' is not a nested object")
             node = node[p]
-        node[leaf] = value
+        if value is None:
+            if node is not None:
+                node.pop(leaf, None)
+        else:
+            node[leaf] = value
     return raw
 
 
 def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Options:
     """Typed trainer options with defaults filled in; the message of any error names the key."""
     values = dict(DEFAULTS)
-    for alias, key in ALIASES.items():
-        if alias in train:
-            if key in train and train[key] != train[alias]:
-                raise ConfigError(f"config key '{alias}': conflicts with '{key}'")
-            values[key] = train[alias]
     values.update({k: v for k, v in train.items() if k in DEFAULTS})
+    problem = original_experiments.check_values(train)
+    if problem:
+        raise ConfigError(problem)
+    # Block length = min(block_size, max_seq_length), as the original's run_clm (both checked in config).
+    values["block_size"] = original_experiments.block_length(train)
     values["report_to"] = reporting.resolve_report_to(values["report_to"])
     for key, default in DEFAULTS.items():
         v = values[key]
@@ -272,11 +301,15 @@ def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> O
     return Options(**values)
 
 
-def load_run_config(config: Mapping[str, Any] | str | os.PathLike,
-                    overrides: Mapping[str, Any] | None = None) -> tuple[dict, dict, Options, dict]:
-    """(model-key dict as written, validated model config, options, raw training keys)."""
+def load_run_config(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+                    notes: list | None = None) -> tuple[dict, dict, Options, dict]:
+    """(model-key dict as written, validated model config, options, raw training keys).
+    Lines for the log (settings supplied for a recognised original experiment) go to `notes`."""
     raw = dict(config) if isinstance(config, Mapping) else read_json(config)
     raw = apply_overrides(raw, overrides or {})
+    raw, note = original_experiments.complete(raw)
+    if note and notes is not None:
+        notes.append(note)
     model_raw = {k: v for k, v in raw.items() if k not in TRAINING_KEYS}
     train = {k: v for k, v in raw.items() if k in TRAINING_KEYS}
     if train.get("model_name_or_path"):
@@ -530,14 +563,15 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
 
     from . import data
 
-    model_raw, model_cfg, opts, train_keys = load_run_config(config, overrides)
+    notes = []
+    model_raw, model_cfg, opts, train_keys = load_run_config(config, overrides, notes)
     init_distributed(opts)
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
     hub = HubPush(opts, train_keys.get("hub_token"), log, active=is_main)
-    ignored = sorted(k for k in train_keys if k in IGNORED_KEYS)
-    if ignored:
-        log(f"ignored (PyTorch/HF Trainer only) config keys: {', '.join(ignored)}")
+    notes.append(original_experiments.no_effect_line(k for k in train_keys if k in IGNORED_KEYS))
+    for note in filter(None, notes):
+        log(note)
 
     mesh = sharding.make_mesh(opts.mesh)
     shards = sharding.batch_size_multiple(mesh)

@@ -12,19 +12,20 @@ import json
 from typing import Any
 
 # The original's published experiments (seed README's Hub ids, SPEC 6 and 9), with the
-# settings its code version decided. The `-norm` rotating-head runs used the later code,
-# which always applies the frequency LayerNorm; the first duo-predict run used the
-# original's shifted loss (SPEC 4; its perplexity 13.46). The loss-fixed run's exact loss
-# is not published: the intended pairing (our default, "dual") is what its name says.
+# settings its code version decided where they differ from our defaults. The `-norm`
+# rotating-head runs used the later code, which always applies the frequency LayerNorm (the
+# first lr/gp runs had none: our default); the first duo-predict run used the original's
+# shifted loss (SPEC 4; its perplexity 13.46). The loss-fixed run's exact loss is not
+# published: the intended pairing (our default, "dual") is what its name says.
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "gpt2-medium-wikitext": {},  # also the names of the gpt2-small smoke test
     "dd-gpt2-medium-wikitext": {},
     "parallel-gpt2-medium-wikitext": {},
     "parallel-mean-bottleneck-gpt2-medium-wikitext": {},
     "duo-predict-gpt2-medium-wikitext": {"duo_loss": "original"},
-    "duo-predict-loss-fixed-gpt2-medium-wikitext": {"duo_loss": "dual"},
-    "rotating-head-lr-gpt2-medium-wikitext": {"use_norm": False},
-    "rotating-head-gp-gpt2-medium-wikitext": {"use_norm": False},
+    "duo-predict-loss-fixed-gpt2-medium-wikitext": {},
+    "rotating-head-lr-gpt2-medium-wikitext": {},
+    "rotating-head-gp-gpt2-medium-wikitext": {},
     "rotating-head-lr-norm-gpt2-medium-wikitext": {"use_norm": True},
     "rotating-head-gp-norm-gpt2-medium-wikitext": {"use_norm": True},
 }
@@ -54,7 +55,7 @@ ONLY_VALUES: dict[str, tuple] = {
 }
 
 DUO = "duo-predict-gpt2"
-DEFAULT_POSITIONS = 1024  # config.BASE_DEFAULTS' n_positions
+DEFAULT_POSITIONS = {DUO: 512}  # config's n_positions defaults; 1024 for the other model types
 
 
 def recognise(raw: dict) -> tuple[str, str] | None:
@@ -79,13 +80,15 @@ def complete(raw: dict) -> tuple[dict, str | None]:
     if found is None:
         return raw, None
     name, by = found
-    settings = dict(EXPERIMENTS[name])
+    settings = {k: (v, "as the original's code version ran it") for k, v in EXPERIMENTS[name].items()}
     block = block_length(raw)
     model_type = raw.get("model_type", "gpt2")
-    if block is not None and (model_type == DUO or block > DEFAULT_POSITIONS):
-        # The original's duo-predict code sets n_positions = block_size; the gpt2-small smoke
-        # test's 8192-token blocks need as many positions (the original would have failed).
-        settings["n_positions"] = block
+    positions = DEFAULT_POSITIONS.get(model_type, 1024)
+    if block is not None and model_type == DUO and block != positions:
+        settings["n_positions"] = (block, "as the original's duo-predict code set it (= block_size)")
+    elif block is not None and block > positions:
+        settings["n_positions"] = (block, f"so that its {block}-token blocks fit (the original could not run "
+                                          f"them on {positions} positions)")
     if model_type != "rotating-head-gpt2":
         settings.pop("use_norm", None)
     if model_type != DUO:
@@ -93,9 +96,10 @@ def complete(raw: dict) -> tuple[dict, str | None]:
     added = {k: v for k, v in settings.items() if k not in raw}
     if not added:
         return raw, None
-    text = ", ".join(f"{k}={json.dumps(v)}" for k, v in added.items())
-    return {**raw, **added}, (f"original experiment {name} (recognised by {by}): {text}, as the original's "
-                              "code ran it (the file does not carry it; give the key to change it)")
+    text = ", ".join(f"{k}={json.dumps(v)} {why}" for k, (v, why) in added.items())
+    return ({**raw, **{k: v for k, (v, _) in added.items()}},
+            f"original experiment {name} (recognised by {by}), settings its file does not carry: {text}; "
+            "a key given in the config or on the command line wins")
 
 
 def check_values(train: dict) -> str | None:

@@ -202,6 +202,12 @@ def test_original_experiments_supply_their_code_version_and_explicit_keys_win():
     duo = {"model_type": "duo-predict-gpt2", "run_name": "duo-predict-gpt2-medium-wikitext", "block_size": 256}
     _, cfg, opts, _ = tr.load_run_config(duo)
     assert (cfg["duo_loss"], cfg["n_positions"], opts.block_size) == ("original", 256, 256)
+    small = {"model_type": "gpt2", "run_name": "gpt2-medium-wikitext", "block_size": 8192, "max_seq_length": 8192}
+    notes = []
+    _, cfg, opts, _ = tr.load_run_config(small, notes=notes)
+    assert (cfg["n_positions"], opts.block_size) == (8192, 8192) and "could not run" in notes[0]
+    assert tr.load_run_config({**small, "block_size": 1024}, notes=(notes := []))[1]["n_positions"] == 1024
+    assert notes == []
     # Not one of the original's runs: nothing supplied.
     _, cfg, _, _ = tr.load_run_config({**duo, "run_name": "mine"})
     assert (cfg["duo_loss"], cfg["n_positions"]) == ("dual", 512)

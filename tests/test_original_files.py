@@ -257,11 +257,20 @@ def test_offline_wikitext_is_one_line_saying_what_to_do(tmp_path):
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config",
                         os.path.join(ORIGINAL, "dd-gpt2-medium.json"), "--output_dir", str(tmp_path / "run"),
-                        "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=tmp_path)
+                        "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=tmp_path,
+                       env=env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
         "error: dataset wikitext/wikitext-103-raw-v1 is not cached and HF_HUB_OFFLINE is set; run once online, "
         "or point the file at local text: --dataset null --train_file a.txt --validation_file b.txt"]
+    # Without HF_HUB_OFFLINE, an unreachable Hub is found out at once (no retries), also in one line.
+    cfg = {"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1"}, "block_size": 8, "tokenizer_name": "bpe"}
+    with pytest.raises(data.DataError) as err:
+        prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)
+    assert str(err.value) == (
+        "dataset wikitext/wikitext-103-raw-v1 cannot be loaded: the Hugging Face Hub is unreachable (if it is "
+        "cached, run with HF_HUB_OFFLINE=1); run once online, or point the file at local text: "
+        "--dataset null --train_file a.txt --validation_file b.txt")
 
 
 # ---------------------------------------------------------------- overwrite_cache: false

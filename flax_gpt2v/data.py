@@ -119,8 +119,9 @@ class DataSpec:
                 raise DataError(f"train_file {first!r}: unsupported extension {ext!r}; "
                                 f"expected one of {', '.join(sorted(_FILE_BUILDERS))}")
             files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
-            for split, path in files.items():
-                _check_local_file(f"{split}_file", path, ext)
+            for split, paths in files.items():
+                for path in [paths] if isinstance(paths, str) else paths:
+                    _check_local_file("train_files" if train_files else f"{split}_file", path, ext)
             dataset = {"path": _FILE_BUILDERS[ext], "data_files": files}
             # run_clm's default: text files keep their line breaks.
             if dataset["path"] == "text":

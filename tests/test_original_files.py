@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from huggingface_hub import constants
 
 import train_jax
 from flax_gpt2v import data, original_experiments as oe, tokenizer
@@ -133,7 +134,7 @@ def test_validation_file_and_dataset_split_win_only_without_percentage(tmp_path)
 def test_bad_data_keys_name_the_key(tmp_path, bad):
     key = next(iter(bad))
     with pytest.raises(data.DataError, match=f"'{key}'"):
-        data.DataSpec.from_config({"train_file": "a.txt", **bad})
+        data.DataSpec.from_config({"train_file": write_lines(tmp_path / "a.txt", LINES), **bad})
 
 
 # ---------------------------------------------------------------- keys (SPEC 9)
@@ -227,7 +228,7 @@ def size_overrides(tmp_path, text):
 def test_original_file_runs_unchanged(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no upload attempt for push_to_hub
     path = os.path.join(ORIGINAL, name)
     original = json.load(open(path))
     text = write_lines(tmp_path / "tiny.txt", LINES * 3)
@@ -252,7 +253,7 @@ def test_original_file_runs_unchanged(name, tmp_path, capsys, monkeypatch):
         assert model["bottleneck_method"] == "concat"
 
 
-def test_offline_wikitext_is_one_line_saying_what_to_do(tmp_path):
+def test_offline_wikitext_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config",
@@ -264,6 +265,7 @@ def test_offline_wikitext_is_one_line_saying_what_to_do(tmp_path):
         "error: dataset wikitext/wikitext-103-raw-v1 is not cached and HF_HUB_OFFLINE is set; run once online, "
         "or point the file at local text: --dataset null --train_file a.txt --validation_file b.txt"]
     # Without HF_HUB_OFFLINE, an unreachable Hub is found out at once (no retries), also in one line.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     cfg = {"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1"}, "block_size": 8, "tokenizer_name": "bpe"}
     with pytest.raises(data.DataError) as err:
         prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)

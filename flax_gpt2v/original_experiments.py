@@ -38,8 +38,8 @@ NO_EFFECT: dict[str, tuple[str, ...]] = {
         "include_for_metrics", "fp16", "tf32", "torch_compile", "dataloader_num_workers",
         "remove_unused_columns", "ddp_find_unused_parameters", "logging_dir", "optim",
         "preprocessing_num_workers"),
-    "loading options: the tokenizer is always GPT-2's fast one plus <|MASK|>, "
-    "token blocks are memory-mapped from the cache": (
+    "loading options: the tokenizer is tokenizer_name's (default GPT-2's own, built offline) plus "
+    "<|MASK|>, token blocks are memory-mapped from the cache": (
         "use_fast_tokenizer", "tokenizer_file", "model_revision", "keep_in_memory"),
     "done otherwise here: best/ holds the best model by eval_loss and output_dir the last, "
     "a rerun resumes output_dir": (

@@ -72,7 +72,7 @@ def test_split_and_grouping_match_the_original(tmp_path, streaming):
     text = write_lines(tmp_path / "train.txt", LINES)
     # As in the original's files: train_files replace the dataset, whose num_proc shards the grouping map.
     cfg = {"train_files": [text], "dataset": {"path": "wikitext", "name": "x", "num_proc": 3},
-           "validation_split_percentage": "10", "batch_size": 30, "block_size": 8, "tokenizer_name": "bpe",
+           "validation_split_percentage": "10", "batch_size": 30, "block_size": 8,
            "streaming": streaming}
     got = prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)
     tok = got.tokenizer
@@ -87,8 +87,7 @@ def test_split_and_grouping_match_the_original(tmp_path, streaming):
 
 def test_streaming_gives_the_same_tokens(tmp_path):
     text = write_lines(tmp_path / "train.txt", LINES)
-    cfg = {"train_files": [text], "validation_split_percentage": "5", "batch_size": 25, "block_size": 8,
-           "tokenizer_name": "bpe"}
+    cfg = {"train_files": [text], "validation_split_percentage": "5", "batch_size": 25, "block_size": 8}
     plain = prepare_data(cfg, str(tmp_path / "a"), log=lambda s: None)
     streamed = prepare_data({**cfg, "streaming": True}, str(tmp_path / "b"), log=lambda s: None)
     assert len(plain.train) > 10
@@ -98,8 +97,7 @@ def test_streaming_gives_the_same_tokens(tmp_path):
 
 def test_max_train_samples_is_train_and_validation(tmp_path):
     text = write_lines(tmp_path / "train.txt", LINES)
-    cfg = {"train_file": text, "validation_split_percentage": "1", "max_train_samples": 120, "block_size": 8,
-           "tokenizer_name": "bpe", "batch_size": 40}
+    cfg = {"train_file": text, "validation_split_percentage": "1", "max_train_samples": 120, "block_size": 8, "batch_size": 40}
     got = prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)
     expected = original_blocks(text, "train[:120]", got.tokenizer, 8, 40, None)
     np.testing.assert_array_equal(got.train, expected)
@@ -111,15 +109,14 @@ def test_validation_file_and_dataset_split_win_only_without_percentage(tmp_path)
 
     train = write_lines(tmp_path / "train.txt", LINES[:200])
     val = write_lines(tmp_path / "val.txt", LINES[200:])
-    cfg = {"train_file": train, "validation_file": val, "validation_split_percentage": "10", "block_size": 8,
-           "tokenizer_name": "bpe"}
+    cfg = {"train_file": train, "validation_file": val, "validation_split_percentage": "10", "block_size": 8}
     got = prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)
     assert got.validation.size == sum(len(got.tokenizer.encode(t)) for t in LINES[200:]) // 8 * 8
     # A dataset with its own validation split: the percentage takes train[:P%] instead (SPEC 6).
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": LINES[:200]}),
                                "validation": datasets.Dataset.from_dict({"text": LINES[200:]})})
     dd.save_to_disk(str(tmp_path / "saved"))
-    base = {"dataset": {"path": str(tmp_path / "saved")}, "block_size": 8, "tokenizer_name": "bpe"}
+    base = {"dataset": {"path": str(tmp_path / "saved")}, "block_size": 8}
     own = prepare_data(base, str(tmp_path / "c"), log=lambda s: None)
     np.testing.assert_array_equal(own.validation, got.validation)
     pct = prepare_data({**base, "validation_split_percentage": "10"}, str(tmp_path / "c"), log=lambda s: None)
@@ -266,7 +263,7 @@ def test_offline_wikitext_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
         "or point the file at local text: --dataset null --train_file a.txt --validation_file b.txt"]
     # Without HF_HUB_OFFLINE, an unreachable Hub is found out at once (no retries), also in one line.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    cfg = {"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1"}, "block_size": 8, "tokenizer_name": "bpe"}
+    cfg = {"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1"}, "block_size": 8}
     with pytest.raises(data.DataError) as err:
         prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)
     assert str(err.value) == (
@@ -294,14 +291,11 @@ def pretokenized_dataset(path, block, vocab):
 
 def test_pretokenized_blocks_are_read_and_unreadable_ones_fall_back(tmp_path):
     text = write_lines(tmp_path / "train.txt", LINES)
-    tok_dir = str(tmp_path / "tok")
-    prepare_data({"train_file": text, "block_size": 8, "tokenizer_name": "bpe"}, str(tmp_path / "c"),
-                 log=lambda s: None).tokenizer.save(tok_dir)
     pretok = tmp_path / "pretok"
     dd = pretokenized_dataset(pretok, 8, 50)
     # WikiText itself cannot be loaded here (offline): the blocks must come from the dataset alone.
     cfg = {"dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1", "pretokenized": str(pretok)},
-           "overwrite_cache": False, "max_seq_length": 8, "block_size": 8, "tokenizer_name": tok_dir,
+           "overwrite_cache": False, "max_seq_length": 8, "block_size": 8,
            "batch_size": 40000, "validation_split_percentage": "1"}
     logs = []
     got = prepare_data(cfg, str(tmp_path / "c"), log=logs.append)
@@ -317,7 +311,7 @@ def test_pretokenized_blocks_are_read_and_unreadable_ones_fall_back(tmp_path):
                         (str(pretok), "rows are not blocks of 16 tokens")):
         logs = []
         fell_back = prepare_data({"train_file": text, "dataset": {"pretokenized": source}, "overwrite_cache": False,
-                                  "block_size": 16, "tokenizer_name": tok_dir}, str(tmp_path / "c"), log=logs.append)
+                                  "block_size": 16}, str(tmp_path / "c"), log=logs.append)
         notes = [line for line in logs if "overwrite_cache false" in line]
         assert len(notes) == 1 and why in notes[0] and "building them from the raw text" in notes[0], logs
         assert fell_back.train.shape[1] == 16 and len(fell_back.train) > 0

@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, _read_safetensors
+from .checkpoint import CONFIG_FILE, CheckpointError, _read_safetensors
 from .config import HF_MUST_BE, ConfigError, load_config, read_json
 from .keymap import check_weights
 
-CONFIG_FILE = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 READ_ORDER = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # transformers' order
@@ -129,10 +128,11 @@ def _read_sharded(path, index_name: str) -> dict[str, Any]:
     try:
         with open(index_file) as f:
             weight_map = json.load(f)["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"corrupt checkpoint: {index_file} is not a shard index (JSON with a "
-                          "weight_map of key -> file)") from None
+                              "weight_map of key -> file)")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
         file = os.path.join(path, shard)
@@ -143,7 +143,7 @@ def _read_sharded(path, index_name: str) -> dict[str, Any]:
         if set(part) != listed:
             odd = sorted(set(part) ^ listed)
             raise CheckpointError(f"corrupt checkpoint: {file} and {index_name} disagree on {len(odd)} key(s), "
-                              f"e.g. {odd[0]}")
+                                  f"e.g. {odd[0]}")
         tensors.update(part)
     return tensors
 
@@ -155,7 +155,7 @@ def _read_file(file: str) -> dict[str, Any]:
         import safetensors.torch  # through torch because numpy has no bfloat16
         return _read_safetensors(file, safetensors.torch.load_file)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds; the first line names the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read {file} with torch's weights-only loader: {first}") from None
@@ -188,18 +188,19 @@ def drop_attention_buffers(tensors: dict[str, Any], n_positions: int, n_ctx: int
         if _MASK_BUFFER.match(key):
             p = t.shape[-1] if t.ndim == 4 else -1
             if t.ndim != 4 or tuple(t.shape[:2]) != (1, 1) or t.shape[2] != p or p not in sizes:
-                raise CheckpointError(f"{key} is not GPT-2's causal mask buffer: shape {tuple(t.shape)}, expected "
-                                  f"(1, 1, {n_positions}, {n_positions})")
+                raise CheckpointError(f"{key} is not GPT-2's causal mask buffer: shape {tuple(t.shape)}, "
+                                      f"expected (1, 1, {n_positions}, {n_positions})")
             if not torch.equal(t.bool(), torch.ones(p, p, dtype=torch.bool).tril().view(1, 1, p, p)) \
                     or not torch.equal(t.bool().to(t.dtype), t):
                 raise CheckpointError(f"{key} is not GPT-2's causal mask buffer: it does not hold the lower "
-                                  "triangle of ones")
+                                      "triangle of ones")
         elif _MASKED_BIAS_BUFFER.match(key):
             # Compared in the buffer's own dtype: -1e4 is not a bfloat16 number.
             if t.numel() != 1 or not t.dtype.is_floating_point or \
                     t.reshape(()).item() != torch.tensor(MASKED_BIAS, dtype=t.dtype).item():
-                raise CheckpointError(f"{key} is not GPT-2's masked_bias buffer: expected the scalar {MASKED_BIAS:g}, "
-                                  f"got {t.dtype} {tuple(t.shape)}" + (f" {t.reshape(-1)[0].item():g}" if t.numel() else ""))
+                got = f" {t.reshape(-1)[0].item():g}" if t.numel() else ""
+                raise CheckpointError(f"{key} is not GPT-2's masked_bias buffer: expected the scalar "
+                                      f"{MASKED_BIAS:g}, got {t.dtype} {tuple(t.shape)}{got}")
         else:
             out[key] = t
     return out

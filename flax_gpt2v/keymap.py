@@ -59,7 +59,7 @@ def _listing(items: list[str]) -> str:
     for (head, ix), tails in by_layers.items():
         if ix is None:
             shown.append(head)
-        elif len(tails) > 3:
+        elif len(tails) > 3 and not any(" " in t for t in tails):  # keys, not problems naming keys
             shown.append(f"{head}{ix}{tails[0][0]}* ({len(tails)} keys)")
         else:
             shown += [head + ix + tail for tail in tails]

@@ -30,13 +30,18 @@ def help_text() -> str:
 
 
 def _main(argv: list[str]) -> int:
+    from flax_gpt2v.run_guard import RunStopped
     from flax_gpt2v.train import parse_cli, train
 
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return 0
     config, overrides = parse_cli(argv)
-    train(config, overrides)
+    try:
+        train(config, overrides)
+    except RunStopped as e:  # a signal (128 + its number) or divergence (3): the run can be resumed
+        print(str(e), file=sys.stderr)
+        return e.status
     return 0
 
 

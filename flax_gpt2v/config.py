@@ -88,7 +88,7 @@ TRAINING_KEYS = {
     "save_total_limit", "seed", "data_seed", "output_dir", "max_steps", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "report_to",
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
-    "early_stopping_patience", "early_stopping_threshold", "push_to_hub", "hub_model_id",
+    "early_stopping_patience", "early_stopping_threshold", "max_nonfinite_steps", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "hub_strategy",
     "overwrite_output_dir", "do_train", "do_eval", "train_file", "validation_file",
     "mesh", "remat_policy", "scan_layers", "attention_implementation",

@@ -43,14 +43,16 @@ def hf_tags(record: dict) -> dict:
 
 
 class TensorBoard:
-    def __init__(self, output_dir: str, run_config: dict):
+    def __init__(self, output_dir: str, run_config: dict, restored_step: int = 0):
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(output_dir, "tb"))
+        # purge_step: TensorBoard hides what the lost part of an interrupted run wrote past the restored step.
+        self.writer = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=restored_step + 1 if restored_step else None)
         self.writer.add_text("run_config", json.dumps(run_config, indent=2))  # as HF's callback adds its args
 
     def log(self, record: dict) -> None:
         for tag, v in hf_tags(record).items():
             self.writer.add_scalar(tag, v, record["step"])
+        self.writer.flush()  # a killed run keeps its scalars
 
     def close(self) -> None:
         self.writer.close()
@@ -77,14 +79,15 @@ class WandB:
         self.run.finish()
 
 
-def open_backends(names: list[str], output_dir: str, run_config: dict, log: Callable[[str], None]) -> list:
+def open_backends(names: list[str], output_dir: str, run_config: dict, log: Callable[[str], None],
+                  restored_step: int = 0) -> list:
     """The backends `names` selects that could start; each one that could not is named in one line."""
     backends = []
     for name, cls, package in (("tensorboard", TensorBoard, "tensorboardX"), ("wandb", WandB, "wandb")):
         if name not in names:
             continue
         try:
-            backends.append(cls(output_dir, run_config))
+            backends.append(cls(output_dir, run_config, **({"restored_step": restored_step} if cls is TensorBoard else {})))
         except ImportError:
             log(f"report_to {name}: {package} is not installed (pip install {package}); not reporting there")
         except Exception as e:  # e.g. wandb online without an API key or network

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 import uuid
 from typing import Any, Callable, Mapping
@@ -29,11 +30,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import checkpoint, ops, original_experiments, pretrained, reporting, sharding
+from . import checkpoint, ops, original_experiments, pretrained, reporting, run_guard, sharding
 from .config import TRAINING_KEYS, ConfigError, read_json, split_config
 from .hub import HubPush
 from .keymap import num_params as count_params
 from .models import ATTENTION_IMPLEMENTATIONS, build_model
+from .run_checkpoints import RunCheckpoints
 from .schedule import SCHEDULES, adamw, lr_schedule
 
 # Trainer options and their defaults: the original's recipe (SPEC 6) on HF Trainer defaults.
@@ -45,7 +47,7 @@ DEFAULTS: dict[str, Any] = dict(
     max_grad_norm=1.0, bf16=True, gradient_checkpointing=True, block_size=None,
     remat_policy="dots", scan_layers=True, attention_implementation="auto",
     logging_steps=500, eval_steps=500, save_steps=500, save_total_limit=None,
-    early_stopping_patience=2, early_stopping_threshold=0.0, seed=42, data_seed=None,
+    early_stopping_patience=2, early_stopping_threshold=0.0, max_nonfinite_steps=5, seed=42, data_seed=None,
     mesh={"data": -1, "fsdp": 1, "tensor": 1}, distributed=None, export_hf=True, report_to=["tensorboard"],
     push_to_hub=False, hub_model_id=None, hub_private_repo=None, hub_strategy="every_save",
 )
@@ -80,6 +82,8 @@ OPTION_HELP = dict(
     save_total_limit="keep the last N checkpoints (null: all)",
     early_stopping_patience="stop after N evaluations without improvement (null: never)",
     early_stopping_threshold="smallest eval loss decrease that counts as an improvement",
+    max_nonfinite_steps="stop after N steps in a row whose loss or gradient is not finite (their updates are "
+                        "skipped); 0: never stop",
     seed="seed of the initialization and dropout (and of the batch order without data_seed)",
     data_seed="seed of the batch order (null: seed)",
     mesh="devices per mesh axis: data, fsdp, tensor (-1: the devices left)",
@@ -176,6 +180,7 @@ class Options:
     save_total_limit: int | None
     early_stopping_patience: int | None
     early_stopping_threshold: float
+    max_nonfinite_steps: int
     seed: int
     data_seed: int | None
     mesh: dict
@@ -281,7 +286,7 @@ def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> O
                           ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
                           ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
                           ("adam_epsilon", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"),
-                          ("warmup_steps", lambda v: v >= 0, ">= 0")):
+                          ("warmup_steps", lambda v: v >= 0, ">= 0"), ("max_nonfinite_steps", lambda v: v >= 0, ">= 0")):
         if not ok(values[key]):  # also false for NaN
             raise ConfigError(f"config key '{key}': must be {want}, got {values[key]!r}")
     if 0 < values["max_steps"] < values["warmup_steps"]:
@@ -385,11 +390,24 @@ def make_train_step(module, tx, schedule, mesh, param_shardings, *, accum: int, 
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": nll / denom, "accuracy": correct / denom, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(state["step"]), "tokens": count}
+        loss, grad_norm = nll / denom, optax.global_norm(grads)
+        # A non-finite loss or gradient never reaches the parameters: the update is skipped
+        # (parameters and moments kept) and counted; the trainer stops after too many in a row.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep(new, old):
+            return jnp.where(finite, new, old)
+
+        bad = jnp.where(finite, 0, state["bad_steps"] + 1)
+        new_state = {"step": state["step"] + 1,
+                     "params": jax.tree.map(keep, optax.apply_updates(params, updates), params),
+                     "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+                     "bad_steps": bad, "skipped_steps": state["skipped_steps"] + (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm,
+                   "learning_rate": schedule(state["step"]), "tokens": count, "bad_steps": bad,
+                   "skipped_steps": new_state["skipped_steps"]}
         return new_state, metrics
+
 
     return step
 
@@ -438,10 +456,14 @@ def init_state(module, tx, mesh, seed: int):
 
     def create(key):
         params = module.init(key, dummy)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        # bad_steps: non-finite steps in a row up to this one; skipped_steps: all of them.
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "bad_steps": jnp.zeros((), jnp.int32), "skipped_steps": jnp.zeros((), jnp.int32)}
 
     shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
-    shardings = {"step": sharding.replicated(mesh), "params": sharding.tree_shardings(shapes["params"], mesh),
+    shardings = {"step": sharding.replicated(mesh), "bad_steps": sharding.replicated(mesh),
+                 "skipped_steps": sharding.replicated(mesh),
+                 "params": sharding.tree_shardings(shapes["params"], mesh),
                  "opt_state": sharding.tree_shardings(shapes["opt_state"], mesh, optimizer=True)}
     state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
@@ -479,20 +501,32 @@ class MetricsLog:
         if not self.active:
             return
         if os.path.exists(self.path):
-            # Lines past the restored step were written by the lost part of an interrupted run.
+            # Lines past the restored step were written by the lost part of an interrupted run;
+            # a line that does not parse was torn by a crash or a full disk while being written.
+            keep, torn = [], 0
             with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= restored_step]
+                for line in f:
+                    try:
+                        record = json.loads(line) if line.strip() else None
+                    except json.JSONDecodeError:
+                        torn += 1
+                        continue
+                    if record is not None and record["step"] <= restored_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            if torn:
+                log(f"{self.path}: dropped {torn} unreadable (torn) line{'s' * (torn > 1)}")
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(keep)
             os.replace(tmp, self.path)
         self.file = open(self.path, "a")
-        self.backends = reporting.open_backends(opts.report_to, opts.output_dir, run_config, log)
+        self.backends = reporting.open_backends(opts.report_to, opts.output_dir, run_config, log, restored_step)
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
-        self.file.write(json.dumps(record) + "\n")
+        record = strict_json(record)
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         for backend in self.backends:
             backend.log(record)
@@ -502,6 +536,11 @@ class MetricsLog:
             self.file.close()
             for backend in self.backends:
                 backend.close()
+
+
+def strict_json(record: Mapping[str, Any]) -> dict:
+    """The record with NaN and infinities as null: metrics.jsonl and summary.json stay strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def flops_per_token(cfg: Mapping[str, Any], num_params: int, seq_len: int) -> float:
@@ -533,41 +572,90 @@ def init_distributed(opts: Options) -> None:
     jax.distributed.initialize(**dist)
 
 
-def _check_output_dir(opts: Options, model_cfg: dict) -> bool:
-    """True when output_dir holds a run to resume. Refuses a directory whose model it would replace."""
+def _check_output_dir(opts: Options, model_cfg: dict) -> dict | None:
+    """The saved run_config ({} if none) when output_dir holds a run to resume, else None. Refuses a
+    directory whose model it would replace, and resuming with another model (model_type named first)."""
     out = opts.output_dir
     resuming = os.path.isdir(os.path.join(out, CHECKPOINTS)) and bool(os.listdir(os.path.join(out, CHECKPOINTS)))
     saved = os.path.join(out, "run_config.json")
     if resuming and os.path.exists(saved):
-        before = read_json(saved).get("model")
+        saved_run = read_json(saved)
+        before = saved_run.get("model")
         if not isinstance(before, dict):
             raise ConfigError(f"{saved} has no 'model' object, so it was not written by this trainer; "
                               "restore it or use another output_dir")
         changed = sorted(k for k in set(before) | set(model_cfg) if before.get(k) != model_cfg.get(k))
         if changed:
-            raise ConfigError(f"config key '{changed[0]}': differs from the run in {out} being resumed "
-                              f"({before.get(changed[0])!r} there); use another output_dir")
-    elif checkpoint.is_native(out) and not os.path.exists(saved):
+            key = "model_type" if "model_type" in changed else changed[0]
+            raise ConfigError(f"config key '{key}': differs from the run in {out} being resumed "
+                              f"({before.get(key)!r} there); use another output_dir")
+        return saved_run
+    if checkpoint.is_native(out) and not os.path.exists(saved):
         raise ConfigError(f"config key 'output_dir': {out} holds a model that is not from a training run; "
                           "refusing to overwrite it")
-    return resuming
+    return {} if resuming else None
+
+
+def _record_changes(before: dict, run_config: dict, step: int, log) -> dict:
+    """run_config with `history` carried on from `before` plus, when trainer or data options
+    changed since, an entry {step, changed: {key: [old, new]}}; each change is announced."""
+    if not before:  # checkpoints without a run_config.json: nothing to compare with
+        return run_config
+    history = list(before.get("history", []))
+    changed = {}
+    for section in ("train", "data"):
+        old, new = before.get(section, {}), run_config[section]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                changed[key] = [old.get(key), new.get(key)]
+                log(f"resuming at step {step} with {key} changed: {old.get(key)!r} -> {new.get(key)!r}")
+    if changed:
+        history.append({"step": step, "changed": changed})
+    return {**run_config, "history": history} if history else run_config
 
 
 def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
           prepared=None, log: Callable[[str], None] | None = None) -> dict:
     """Train (or resume) the run a config describes; returns the summary (steps, metrics, tokens/s, MFU).
 
-    `prepared` (a PreparedData) skips `data.prepare_data`, e.g. for in-memory corpora.
+    `prepared` (a PreparedData) skips `data.prepare_data`, e.g. for in-memory corpora. Holds the
+    output_dir's lock while it runs; raises run_guard.RunStopped when a signal or divergence stops it.
     """
     from tqdm import tqdm
-
-    from . import data
 
     notes = []
     model_raw, model_cfg, opts, train_keys = load_run_config(config, overrides, notes)
     init_distributed(opts)
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
+    lock = run_guard.RunLock(opts.output_dir)
+    signals = run_guard.StopSignals()
+    signals.install()
+    try:
+        return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
+    finally:
+        lock.release()
+        signals.restore()
+
+
+def _take_lock(lock: run_guard.RunLock, opts: Options, log) -> None:
+    """Process 0 locks output_dir; every process refuses together, so none waits for the others."""
+    failure = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire(log)
+        except ConfigError as e:
+            failure = e
+    if run_guard.agree(int(failure is not None)):
+        raise failure or ConfigError(f"config key 'output_dir': {opts.output_dir} is in use by another run")
+
+
+def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals, lock, notes) -> dict:
+    from tqdm import tqdm
+
+    from . import data
+
+    is_main = jax.process_index() == 0
     hub = HubPush(opts, train_keys.get("hub_token"), log, active=is_main)
     notes.append(original_experiments.no_effect_line(k for k in train_keys if k in IGNORED_KEYS))
     for note in filter(None, notes):
@@ -588,15 +676,14 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
         prepared = data.prepare_data({**train_keys, "block_size": opts.block_size, "model_type": model_cfg["model_type"]},
                                      cache_dir, log=log)
     model_cfg = fit_to_tokenizer(model_raw, train_keys, prepared.tokenizer)
-    resuming = _check_output_dir(opts, model_cfg)
+    _take_lock(lock, opts, log)  # before the first read or write of output_dir
+    saved_run = _check_output_dir(opts, model_cfg)
     os.makedirs(opts.output_dir, exist_ok=True)
     # The data keys too, so that eval_jax.py measures a run on the data it was trained for.
     run_config = {"model": model_cfg, "train": dataclasses.asdict(opts),
                   "data": {k: v for k, v in train_keys.items() if k in DATA_KEYS}}
     if is_main:
         prepared.tokenizer.save(opts.output_dir)
-        with open(os.path.join(opts.output_dir, "run_config.json"), "w") as f:
-            json.dump(run_config, f, indent=2, sort_keys=True)
 
     tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None
     num_blocks = len(prepared.train)
@@ -626,29 +713,22 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
                         in_shardings=(state_shardings["params"], batch_sharding),
                         out_shardings=sharding.replicated(mesh))
 
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(opts.output_dir, CHECKPOINTS)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=opts.save_total_limit, enable_async_checkpointing=True))
+    ckpts = RunCheckpoints(os.path.join(opts.output_dir, CHECKPOINTS), opts.save_total_limit, log)
     # Early-stopping state travels with the checkpoint, so a resume continues the same count.
     meta = {"best_eval_loss": None, "bad_evals": 0, "stopped": False}
     start = 0
-    if resuming and manager.latest_step() is not None:
-        try:
-            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state(state, state_shardings)), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax reports a mismatched or damaged tree in many exception types
-            reason = str(e).strip().splitlines()[0].rstrip(":") if str(e).strip() else type(e).__name__
-            raise checkpoint.CheckpointError(
-                f"cannot resume from {opts.output_dir}/{CHECKPOINTS}/{manager.latest_step()}: its training state "
-                f"does not match this run's (written by another flax-gpt2v version, or damaged): {reason}; "
-                "use a new output_dir") from None
-        state, meta = restored["state"], restored["meta"]
+    restored = ckpts.restore(abstract_state(state, state_shardings)) if saved_run is not None else None
+    if restored is not None:
+        state, meta = restored
         start = int(jax.device_get(state["step"]))
         log(f"resumed from {opts.output_dir}/{CHECKPOINTS} at step {start}")
+        run_config = _record_changes(saved_run, run_config, start, log)
     elif train_keys.get("model_name_or_path"):  # a resumed run continues from its own checkpoints instead
         state["params"] = pretrained.place(pretrained.initial_params(
             train_keys, model_cfg, host_params(state["params"]), opts.seed, log), state_shardings["params"])
+    if is_main:
+        with open(os.path.join(opts.output_dir, "run_config.json"), "w") as f:
+            json.dump(run_config, f, indent=2, sort_keys=True)
 
     metrics_log = MetricsLog(opts, start, run_config, log)
     log(f"{model_cfg['model_type']}: {num_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
@@ -670,21 +750,41 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
         return record
 
     def save(step):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(dict(meta))))
+        # A step inside a run of non-finite ones is not checkpointed: the newest checkpoint is always
+        # one whose step was finite, so save_total_limit never evicts the last finite one.
+        if int(jax.device_get(state["bad_steps"])):
+            log(f"checkpoint of step {step} skipped: its loss or gradient is not finite")
+            return
+        ckpts.save(step, state, meta)
         if hub.every_save and step < total and not meta["stopped"]:  # the last goes with the final export
             hub.push_checkpoint(step, model_cfg, host_params(state["params"]), tokenizer_dir)
+
+    def diverged(m, step):
+        """(first, last) step of the non-finite ones in a row that `step` (its metrics m) ends, when too many."""
+        bad = int(m["bad_steps"])
+        if not opts.max_nonfinite_steps or bad < opts.max_nonfinite_steps:
+            return None
+        return step - bad + 1, step
 
     bar = tqdm(total=total, initial=start, disable=not is_main, dynamic_ncols=True, desc=opts.run_name)
     timed_tokens, timed_seconds, t_mark, tokens_since, paused = 0, 0.0, None, 0, 0.0
     seq_len = last_eval = None
+    done, pending, stop, code = start, None, None, 0  # pending: the previous step's metrics, read one step late
+    signals.in_loop, signals.step = True, start
     for step in range(start, total):
-        if meta["stopped"]:
+        # Every process stops at the same step: the stop code is agreed on (max over processes).
+        code = run_guard.agree(signals.received or (255 if ckpts.poll() else 0))
+        if meta["stopped"] or code:
             break
         batch = global_batch(data.make_batch(prepared.train, batches.indices(step), model_cfg), batch_sharding)
         seq_len = batch["input_ids"].shape[1]
         state, metrics = train_step(state, batch)
         done = step + 1
+        if pending is not None:  # read after dispatching this step, so the device never waits
+            stop = diverged(jax.device_get(pending), done - 1)
+            if stop:
+                break
+        pending = {k: metrics[k] for k in ("bad_steps",)}
         bar.update(1)
         tokens_since += batch["input_ids"].size
         if done % opts.logging_steps == 0 or done == total:
@@ -696,15 +796,18 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
                 seconds = now - t_mark - paused
                 timed_tokens, timed_seconds, tps = timed_tokens + tokens_since, timed_seconds + seconds, tokens_since / seconds
             t_mark, tokens_since, paused = now, 0, 0.0
-            metrics_log.write({"step": done, "epoch": round(done / batches.steps_per_epoch, 4),
-                               "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
-                               "grad_norm": float(m["grad_norm"]), "learning_rate": float(m["learning_rate"])})
+            record = {"step": done, "epoch": round(done / batches.steps_per_epoch, 4),
+                      "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                      "grad_norm": float(m["grad_norm"]), "learning_rate": float(m["learning_rate"])}
+            if m["skipped_steps"]:
+                record["skipped_steps"] = int(m["skipped_steps"])
+            metrics_log.write(record)
             bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:.0f}" if tps else "-")
         if done % opts.eval_steps == 0 or done == total:
             eval_start = time.perf_counter()
             last_eval = evaluate(state["params"], done)
             loss = last_eval.get("eval_loss")
-            if loss is not None:
+            if loss is not None and math.isfinite(loss):
                 best = meta["best_eval_loss"]
                 if best is None or (loss < best and best - loss > opts.early_stopping_threshold):
                     meta.update(best_eval_loss=loss, bad_evals=0)
@@ -721,16 +824,47 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
             paused += time.perf_counter() - eval_start  # evaluation is not training throughput
         if done % opts.save_steps == 0 or done == total or meta["stopped"]:
             save(done)
+        signals.step = done
+    else:
+        if pending is not None:
+            stop = diverged(jax.device_get(pending), done)
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    metrics_log.close()
+    if not stop:  # a signal that came during the last step counts too
+        code = run_guard.agree(code or signals.received or 0)
+    if code and code != 255 and done > start and ckpts.last_saved != done:
+        save(done)  # the step a signal interrupted: checkpointed before stopping
+    try:
+        ckpts.finish()
+    finally:
+        ckpts.close()
+        metrics_log.close()
+    if stop:
+        kept = f"checkpoint step {ckpts.last_saved}" if ckpts.last_saved is not None else "no checkpoint yet"
+        raise run_guard.RunStopped(
+            f"training diverged: loss or gradient not finite at steps {stop[0]}-{stop[1]} (updates skipped; the "
+            f"last finite state is in {kept}); try a lower learning_rate, longer warmup, a smaller max_grad_norm, "
+            "or bf16 false", run_guard.DIVERGED_STATUS)
+    if code == 255:
+        raise checkpoint.CheckpointError("stopped: another process failed to write a checkpoint; "
+                                         "run the same command to resume")
+    if code:
+        name = signal.Signals(code).name
+        who = "" if signals.received else " (on another process)"
+        kept = f"step {ckpts.last_saved}" if ckpts.last_saved is not None else "no checkpoint"
+        at = f"at step {done}" if ckpts.last_saved == done else f"at step {done} (last checkpoint: {kept})"
+        raise run_guard.RunStopped(f"stopped by {name}{who} {at}; run the same command to resume", 128 + code)
 
     final_step = int(jax.device_get(state["step"]))
     params = host_params(state["params"])
     if is_main:
         save_final(opts, model_cfg, params, log)
         hub.push_final(os.path.join(opts.output_dir, "hf"))
+    summary_path = os.path.join(opts.output_dir, SUMMARY)
+    if final_step == start and os.path.exists(summary_path):
+        # Rerunning a finished run trains nothing and measures nothing: its summary stands.
+        log(f"done: the run in {opts.output_dir} had already ended at step {final_step}")
+        with open(summary_path) as f:
+            return json.load(f)
     summary = {"step": final_step, "num_params": num_params,
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None, "mfu": None}
     if last_eval:
@@ -745,8 +879,8 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     log(what_was_trained(model_cfg, num_params, final_step, prepared, last_eval))
     if is_main:
         # Timings stay out of metrics.jsonl (a resumed run must write the same lines); they live here.
-        with open(os.path.join(opts.output_dir, SUMMARY), "w") as f:
-            json.dump(summary, f, indent=2)
+        with open(summary_path, "w") as f:
+            json.dump(strict_json(summary), f, indent=2, allow_nan=False)
     return summary
 
 

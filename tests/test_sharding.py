@@ -124,8 +124,9 @@ print("REPORT" + json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_layouts_match_one_device():
-    r = run_on_devices(8, LAYOUTS_SCRIPT, timeout=300)
+    r = run_on_devices(8, LAYOUTS_SCRIPT)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.split("REPORT")[1])
     for name, res in report.items():
@@ -134,6 +135,7 @@ def test_layouts_match_one_device():
     assert report["gpt2 {'tensor': 4, 'data': 2}"]["wte"] == str(P("tensor", "fsdp"))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_resumes_on_1(tmp_path):
     # Killed on an fsdp=8 mesh after the step-8 checkpoint, resumed here on one device.
     extra = dict(max_steps=12, save_steps=4, eval_steps=4, logging_steps=1, mesh={"fsdp": 8},
@@ -141,7 +143,7 @@ def test_checkpoint_from_8_devices_resumes_on_1(tmp_path):
     out, ref = tmp_path / "moved", tmp_path / "ref"
     script = tt.KILLED_RUN.format(tests=os.path.dirname(__file__), kill_at=10, model_type="gpt2", out=str(out),
                                   extra=extra)
-    r = run_on_devices(8, script, timeout=300)
+    r = run_on_devices(8, script)
     assert r.returncode == -9, r.stderr[-3000:]
     # One device with the same global batch of 16 rows.
     same = {**extra, "mesh": {"data": 1}, "per_device_train_batch_size": 16}

@@ -1,0 +1,269 @@
+"""Faults injected for real into training runs: signals, non-finite losses, flipped bytes on disk,
+a second process on the same output_dir, a full filesystem (issue 12)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import flax_gpt2v as fg
+from flax_gpt2v import run_checkpoints, run_guard
+from flax_gpt2v import train as tr
+from flax_gpt2v.checkpoint import CheckpointError
+from flax_gpt2v.config import ConfigError
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+from test_train import corpus, read_metrics, tiny_config  # noqa: E402
+
+# train_jax.py's own main() in a fresh process, on the test corpus (the CLI reads data from the config).
+CLI_RUN = """
+import sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
+import test_train as t
+import train_jax
+from flax_gpt2v import data, train as tr
+{hook}
+real_train = tr.train
+tr.train = lambda config, overrides: real_train(config, overrides, prepared=t.corpus())
+sys.exit(train_jax.main(["--config", {config!r}]))
+"""
+# Constant learning rate: a resumed run may change max_steps and still repeat an uninterrupted one.
+LONG = dict(max_steps=100000, logging_steps=1, save_steps=1000, eval_steps=1000, lr_scheduler_type="constant",
+            warmup_steps=0, per_device_train_batch_size=4)
+
+
+def start_cli(tmp_path, out, hook="", **extra):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config("gpt2", out, **extra)))
+    script = CLI_RUN.format(tests=TESTS, root=ROOT, config=str(config), hook=hook)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def wait_for_step(proc, out, step):
+    """Block until metrics.jsonl holds `step` (the process is then inside the training loop)."""
+    path = out / "metrics.jsonl"
+    while True:
+        if path.exists() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()
+                                 if line.endswith("}")):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+
+
+def strict_lines(path):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return [json.loads(line, parse_constant=refuse) for line in open(path)]
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(fg.load(a).params), jax.tree.leaves(fg.load(b).params)):
+        np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------- signals
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_and_a_resume_repeats_the_run(tmp_path):
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    proc = start_cli(tmp_path, out, **LONG)
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    m = re.fullmatch(r"stopped by SIGTERM at step (\d+); run the same command to resume", err.strip().splitlines()[-1])
+    assert m, err[-2000:]
+    n = int(m.group(1))
+    assert sorted(os.listdir(out / "checkpoints")) == [str(n)]
+    assert run_checkpoints.verify(str(out / "checkpoints" / str(n))) is None
+    assert (out / "checkpoints" / str(n) / run_checkpoints.MANIFEST).exists()
+    assert max(r["step"] for r in read_metrics(out)) == n
+
+    # Resumed with a changed option (announced, kept in run_config.json), it repeats an uninterrupted run.
+    lines = []
+    tr.train(tiny_config("gpt2", out, **{**LONG, "max_steps": n + 2}), prepared=corpus(), log=lines.append)
+    assert f"resumed from {out}/checkpoints at step {n}" in lines
+    assert f"resuming at step {n} with max_steps changed: 100000 -> {n + 2}" in lines
+    history = json.loads((out / "run_config.json").read_text())["history"]
+    assert history == [{"step": n, "changed": {"max_steps": [100000, n + 2]}}]
+    tr.train(tiny_config("gpt2", ref, **{**LONG, "max_steps": n + 2}), prepared=corpus(), log=lambda m: None)
+    assert read_metrics(out) == read_metrics(ref)
+    assert_same_params(out, ref)
+
+
+@pytest.mark.slow
+def test_a_second_sigint_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    proc = start_cli(tmp_path, out, **LONG)
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped by")
+
+
+# ---------------------------------------------------------------- divergence
+
+def test_nonfinite_steps_never_reach_parameters_or_files(tmp_path):
+    out = tmp_path / "run"
+    lines = []
+    with pytest.raises(run_guard.RunStopped) as e:
+        tr.train(tiny_config("gpt2", out, learning_rate=1e3, warmup_steps=0, max_steps=60, logging_steps=1,
+                             save_steps=2, eval_steps=4, save_total_limit=1, max_nonfinite_steps=3),
+                 prepared=corpus(), log=lines.append)
+    assert e.value.status == run_guard.DIVERGED_STATUS
+    msg = str(e.value)
+    assert "\n" not in msg and re.match(r"training diverged: loss or gradient not finite at steps (\d+)-(\d+) ", msg)
+    assert "learning_rate" in msg and "bf16" in msg
+    records = strict_lines(out / "metrics.jsonl")  # strict JSON: non-finite values are null
+    assert any(r.get("loss", 0) is None or r.get("grad_norm", 0) is None for r in records)
+    skipped = [r for r in records if r.get("skipped_steps")]
+    assert skipped and skipped[-1]["skipped_steps"] >= 3
+    # The kept checkpoint (save_total_limit 1) is a finite one and restores; best/ is finite.
+    steps = os.listdir(out / "checkpoints")
+    assert len(steps) == 1 and int(steps[0]) < int(re.match(r".* steps (\d+)-", msg).group(1))
+    assert f"the last finite state is in checkpoint step {steps[0]}" in msg
+    for x in jax.tree.leaves(fg.load(out / "best").params):
+        assert np.isfinite(x).all()
+    assert any(line.startswith("checkpoint of step") and "not finite" in line for line in lines)
+
+
+# ---------------------------------------------------------------- integrity and logs
+
+def test_flipped_bytes_and_a_torn_log_line_fall_back_to_an_intact_step(tmp_path):
+    out, kept = tmp_path / "run", tmp_path / "kept"
+    cfg = tiny_config("gpt2", out, max_steps=4, save_steps=2, eval_steps=2, logging_steps=1)
+    tr.train(cfg, prepared=corpus(), log=lambda m: None)
+    shutil.copytree(out, kept)
+    # Flip bytes in the largest data file of the latest step; tear the last metrics line.
+    data_files = [p for p in (out / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+    victim = max(data_files, key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 21] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 21])
+    victim.write_bytes(bytes(raw))
+    text = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(text + text.splitlines()[-1][:17])
+    lines = []
+    tr.train(cfg, prepared=corpus(), log=lines.append)
+    assert f"checkpoint step 4 is damaged: {victim} does not match its checksum; falling back to the previous one" \
+        in lines
+    assert f"resumed from {out}/checkpoints at step 2" in lines
+    assert any("dropped 1 unreadable (torn) line" in line for line in lines)
+    assert read_metrics(out) == read_metrics(kept)
+    assert_same_params(out, kept)
+    assert json.loads((out / "summary.json").read_text())["eval_loss"] == \
+        json.loads((kept / "summary.json").read_text())["eval_loss"]
+
+    # A truncated file in every step: refused in one line that names the step and the file.
+    for step in ("2", "4"):
+        f = max((p for p in (out / "checkpoints" / step / "state").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"no checkpoint is intact .*step 4: .*has 100 bytes.*use a new output_dir") \
+            as e:
+        tr.train({**cfg, "max_steps": 6}, prepared=corpus(), log=lambda m: None)
+    assert "\n" not in str(e.value)
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config("gpt2", out, max_steps=2, save_steps=2, eval_steps=2, warmup_steps=1)
+    first = tr.train(cfg, prepared=corpus(), log=lambda m: None)
+    lines = []
+    assert tr.train(cfg, prepared=corpus(), log=lines.append) == first
+    assert json.loads((out / "summary.json").read_text()) == first and "eval_loss" in first
+    assert not any(line.startswith("resuming at step") for line in lines)  # nothing changed
+    with pytest.raises(ConfigError, match=r"config key 'model_type': differs from the run"):
+        tr.train({**cfg, **tiny_config("dd-gpt2", out), "n_embd": 64}, prepared=corpus(), log=lambda m: None)
+
+
+# ---------------------------------------------------------------- one run per output_dir
+
+HOLDER = """
+import sys, time
+from flax_gpt2v import run_guard
+lock = run_guard.RunLock(sys.argv[1])
+lock.acquire(print)
+print("locked", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"config key 'output_dir': {out} is in use by another run "
+                                              rf"\(PID {holder.pid} on this host \(.*\), running"):
+            tr.train(tiny_config("gpt2", out), prepared=corpus(), log=lambda m: None)
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died holding the lock: the next run takes it over and says so.
+    lines = []
+    lock = run_guard.RunLock(str(out))
+    lock.acquire(lines.append)
+    lock.release()
+    assert lines == [f"{out}: taking over the lock of a run that ended without releasing it "
+                     f"(PID {holder.pid} on this host ({os.uname().nodename}), no longer running)"]
+    assert not (out / ".lock").exists()
+
+
+# ---------------------------------------------------------------- a full disk
+
+FILL_DISK = """
+indices = data.BatchSchedule.indices
+def filling_indices(self, step):
+    if step == {fill_at}:
+        import os
+        st = os.statvfs({mount!r})
+        with open(os.path.join({mount!r}, "filler"), "wb") as f:
+            f.write(b"x" * (st.f_bavail * st.f_frsize - 64 * 1024))
+    return indices(self, step)
+data.BatchSchedule.indices = filling_indices
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_stops_in_one_line(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        out = mount / "run"
+        extra = dict(max_steps=12, save_steps=3, eval_steps=100, logging_steps=1, lr_scheduler_type="constant",
+                     warmup_steps=0, per_device_train_batch_size=4)
+        proc = start_cli(tmp_path, out, hook=FILL_DISK.format(fill_at=5, mount=str(mount)), **extra)
+        _, err = proc.communicate()
+        assert proc.returncode == 2, err[-3000:]
+        assert "Traceback" not in err and "Exception" not in err, err[-3000:]
+        assert re.fullmatch(rf"error: disk full while writing checkpoint step 6 to {out}/checkpoints; the checkpoint "
+                            r"of step 3 is intact; free space and run the same command to resume",
+                            err.strip().splitlines()[-1]), err[-2000:]
+        assert run_checkpoints.verify(str(out / "checkpoints" / "3")) is None
+        os.remove(mount / "filler")
+        lines = []
+        tr.train(tiny_config("gpt2", out, **extra), prepared=corpus(), log=lines.append)
+        assert f"resumed from {out}/checkpoints at step 3" in lines
+        assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, 13))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)])

@@ -28,9 +28,10 @@ def load_tfds(spec: DataSpec) -> dict:
     if spec.train_split not in splits:
         raise DataError(f"tfds dataset {name!r} has no split {spec.train_split!r} (it has {', '.join(splits)})")
     train, validation = spec.train_split, spec.validation_split
-    if validation not in splits:
-        # run_clm's fallback, as for `datasets`: the first validation_split_percentage % of train.
-        p = spec.validation_split_percentage
+    if validation not in splits or spec.validation_split_percentage is not None:
+        # As for `datasets` (data.py): the first validation_split_percentage % of train when it is given
+        # (the original's rule), else when there is no validation split (run_clm's fallback, 5%).
+        p = spec.validation_split_percentage or 5
         train, validation = f"{spec.train_split}[{p}%:]", f"{spec.train_split}[:{p}%]"
     column = spec.text_column or "text"
     if column not in builder.info.features:

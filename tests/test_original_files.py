@@ -221,6 +221,7 @@ def size_overrides(tmp_path, text):
             "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FILES)
 def test_original_file_runs_unchanged(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -250,6 +251,7 @@ def test_original_file_runs_unchanged(name, tmp_path, capsys, monkeypatch):
         assert model["bottleneck_method"] == "concat"
 
 
+@pytest.mark.slow
 def test_offline_wikitext_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"), "JAX_PLATFORMS": "cpu"}

@@ -38,7 +38,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -328,11 +328,12 @@ def _pretokenized_blocks(hub: str, spec: DataSpec, tokenizer: Tokenizer, cache_d
 
 def _load_pretokenized(hub: str, spec: DataSpec) -> dict:
     import datasets
+    from huggingface_hub import constants
 
     try:
         if os.path.isdir(hub):
             ds = datasets.load_from_disk(hub)
-        elif not hub_reachable():
+        elif not constants.HF_HUB_OFFLINE and not hub_reachable():  # offline mode reads the HF cache
             raise _Unavailable("the Hugging Face Hub is unreachable")
         else:
             ds = datasets.load_dataset(hub, cache_dir=spec.hf_cache_dir)

@@ -291,7 +291,8 @@ def pretokenized_dataset(path, block, vocab):
     return dd
 
 
-def test_pretokenized_blocks_are_read_and_unreadable_ones_fall_back(tmp_path):
+def test_pretokenized_blocks_are_read_and_unreadable_ones_fall_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # whatever the environment says
     text = write_lines(tmp_path / "train.txt", LINES)
     pretok = tmp_path / "pretok"
     dd = pretokenized_dataset(pretok, 8, 50)

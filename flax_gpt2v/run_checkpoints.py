@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Callable
 
 from .checkpoint import CheckpointError
@@ -93,19 +94,50 @@ def disk_errno(e: BaseException) -> int | None:
     return None
 
 
+NOISY_LOGGERS = ("absl", "orbax", "asyncio")
+
+
+def _loop_closed(e) -> bool:
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
+def _quiet_hooks(excepthook, unraisablehook):
+    """The hooks minus the "Event loop is closed" errors that TensorStore's callbacks raise into
+    Orbax's event loop after a failed write closed it."""
+    return (lambda t, v, tb: None if _loop_closed(v) else excepthook(t, v, tb),
+            lambda u: None if _loop_closed(u.exc_value) else unraisablehook(u))
+
+
 @contextlib.contextmanager
 def quiet_orbax():
-    """Orbax and absl log every failed read or write with a traceback (from background threads
-    too); the run reports them in one line of its own instead."""
-    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio", "jax._src.distributed")]
+    """Orbax logs every failed read or write with a traceback, from its background threads too;
+    the run reports them in one line of its own instead. Held while a run trains."""
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
+    hooks = sys.excepthook, sys.unraisablehook
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    sys.excepthook, sys.unraisablehook = _quiet_hooks(*hooks)
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+            if lg.level <= logging.CRITICAL:  # not silenced for good meanwhile
+                lg.setLevel(level)
+        if not _silenced:
+            sys.excepthook, sys.unraisablehook = hooks
+
+
+_silenced = False
+
+
+def silence_failed_saves() -> None:
+    """After a failed save the process is about to stop, and Orbax's background tasks keep failing
+    as it ends; those go unsaid too, to the end of the process."""
+    global _silenced
+    _silenced = True
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
 class RunCheckpoints:
@@ -163,16 +195,19 @@ class RunCheckpoints:
             self.log(f"removed damaged checkpoint step {step}")
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Start an asynchronous save. A failure is not raised here: poll() returns it at the next
+        step, so that the training loop ends in its usual way; finish() raises it."""
         if self.pending is not None:  # Orbax would wait for it too; it gets its checksum first
-            self.finish()
-        self._raise_failure()
+            self._wait()
+        if self.failure is not None:
+            return
         try:
             with quiet_orbax():
                 self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                                                      meta=self.ocp.args.JsonSave(dict(meta))))
         except Exception as e:
             self._failed(step, e)
-            self._raise_failure()
+            return
         self.pending = step
 
     def poll(self) -> CheckpointError | None:
@@ -201,6 +236,7 @@ class RunCheckpoints:
         return None
 
     def _failed(self, step: int, e: BaseException) -> None:
+        silence_failed_saves()
         kept = (f"the checkpoint of step {self.last_saved} is intact" if self.last_saved is not None
                 else "no earlier checkpoint exists")
         if disk_errno(e) is not None:
@@ -211,12 +247,7 @@ class RunCheckpoints:
             then = "run the same command to resume"
         self.failure = CheckpointError(f"{what}; {kept}; {then}")
 
-    def _raise_failure(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-    def finish(self) -> None:
-        """Wait for the last save, checksum it; raises the failure of any save."""
+    def _wait(self) -> None:
         try:
             with quiet_orbax():
                 self.manager.wait_until_finished()
@@ -224,7 +255,12 @@ class RunCheckpoints:
             if self.pending is not None:
                 self._failed(self.pending, e)
         self.poll()
-        self._raise_failure()
+
+    def finish(self) -> None:
+        """Wait for the last save, checksum it; raises the failure of any save."""
+        self._wait()
+        if self.failure is not None:
+            raise self.failure
 
     def close(self) -> None:
         with quiet_orbax(), contextlib.suppress(Exception):

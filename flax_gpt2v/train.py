@@ -35,7 +35,7 @@ from .config import TRAINING_KEYS, ConfigError, read_json, split_config
 from .hub import HubPush
 from .keymap import num_params as count_params
 from .models import ATTENTION_IMPLEMENTATIONS, build_model
-from .run_checkpoints import RunCheckpoints
+from .run_checkpoints import RunCheckpoints, quiet_orbax
 from .schedule import SCHEDULES, adamw, lr_schedule
 
 # Trainer options and their defaults: the original's recipe (SPEC 6) on HF Trainer defaults.
@@ -632,7 +632,8 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     signals = run_guard.StopSignals()
     signals.install()
     try:
-        return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
+        with quiet_orbax():
+            return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
     finally:
         lock.release()
         signals.restore()

@@ -232,7 +232,9 @@ FILL_DISK = """
 indices = data.BatchSchedule.indices
 def filling_indices(self, step):
     if step == {fill_at}:
-        import os
+        import os, time
+        while not os.path.isdir({committed!r}):  # the checkpoint before lands first
+            time.sleep(0.1)
         st = os.statvfs({mount!r})
         with open(os.path.join({mount!r}, "filler"), "wb") as f:
             f.write(b"x" * (st.f_bavail * st.f_frsize - 64 * 1024))
@@ -252,7 +254,7 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line(tmp_path):
         out = mount / "run"
         extra = dict(max_steps=12, save_steps=3, eval_steps=100, logging_steps=1, lr_scheduler_type="constant",
                      warmup_steps=0, per_device_train_batch_size=4)
-        proc = start_cli(tmp_path, out, hook=FILL_DISK.format(fill_at=5, mount=str(mount)), **extra)
+        proc = start_cli(tmp_path, out, hook=FILL_DISK.format(fill_at=5, mount=str(mount), committed=str(out / "checkpoints" / "3")), **extra)
         _, err = proc.communicate()
         assert proc.returncode == 2, err[-3000:]
         assert "Traceback" not in err and "Exception" not in err, err[-3000:]

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -23,8 +26,12 @@ WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import test_train as t
-from flax_gpt2v import train as tr
-summary = tr.train(t.tiny_config("gpt2", {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
+from flax_gpt2v import run_guard, train as tr
+try:
+    summary = tr.train(t.tiny_config("gpt2", {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
+except run_guard.RunStopped as e:
+    print(e, flush=True)
+    sys.exit(e.status)
 print("SUMMARY " + json.dumps(summary))
 """
 EXTRA = dict(max_steps=4, per_device_train_batch_size=2, logging_steps=1, eval_steps=2, save_steps=2, warmup_steps=1)
@@ -38,10 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, devices: int, **env):
+def launch(out, devices: int, extra=EXTRA, **env):
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                 **env}
-    script = WORKER.format(tests=TESTS, out=str(out), extra=EXTRA)
+    script = WORKER.format(tests=TESTS, out=str(out), extra=extra)
     return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -96,3 +103,46 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(x, y, atol=1e-5)
     for x, y in zip(jax.tree.leaves(fg.load(multi / "best").params), jax.tree.leaves(fg.load(single / "best").params)):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def launch_pair(out, extra):
+    port = free_port()
+    return [launch(out, 2, extra, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i)) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path):
+    """SIGTERM to the process that does not write: both stop after the same step, which is checkpointed,
+    and the pair resumes from it to the same run as one process on as many devices."""
+    out, ref = tmp_path / "multi", tmp_path / "single"
+    long = {**EXTRA, "max_steps": 100000, "save_steps": 1000, "eval_steps": 1000, "lr_scheduler_type": "constant",
+            "warmup_steps": 0}
+    procs = launch_pair(out, long)
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert all(p.poll() is None for p in procs), "\n".join(p.communicate()[0][-3000:] for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = finish(procs)
+    for p, output in zip(procs, outputs):
+        if p.returncode and "multi-process" in output and "not supported" in output.lower():
+            pytest.skip(f"this jax build has no CPU multi-process support: {output.strip().splitlines()[-1]}")
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, "\n".join(o[-3000:] for o in outputs)
+    last = [o.strip().splitlines()[-1] for o in outputs]
+    n = int(re.fullmatch(r"stopped by SIGTERM at step (\d+); run the same command to resume", last[1]).group(1))
+    assert last[0] == f"stopped by SIGTERM (on another process) at step {n}; run the same command to resume"
+    assert os.listdir(out / "checkpoints") == [str(n)]
+    assert max(m["step"] for m in read_metrics(out)) == n
+
+    short = {**long, "max_steps": n + 2}
+    procs = launch_pair(out, short) + [launch(ref, 4, short)]
+    outputs = finish(procs)
+    for i, (p, output) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{output[-4000:]}"
+    assert f"resumed from {out}/checkpoints at step {n}" in outputs[0]
+    got, want = read_metrics(out), read_metrics(ref)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5, rel=1e-5), (a["step"], k)

@@ -77,7 +77,7 @@ def test_exported_torch_logits_equal_flax_and_round_trip_is_exact(variant, seed,
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_transformers_generate_equals_flax_generate(variant, tmp_path):
-    lm = cross_lm(variant, seed=5)
+    lm = cross_lm(variant, seed=6)  # a seed whose every variant generates varied tokens with these configs
     model = torch_model(export(lm, tmp_path))
     prompt = random_ids((2, 5), seed=6)
     with torch.no_grad():

@@ -86,7 +86,8 @@ def init(config, seed: int = 0, *, dtype=None, **build) -> LM:
 
 
 def load(path: str | os.PathLike, *, dtype=None, **build) -> LM:
-    """A native checkpoint directory, or an HF/torch directory (ours or the original's Hub format)."""
+    """A native checkpoint directory, or an HF directory: ours, the original's Hub format, or GPT-2
+    in any published layout (see checkpoint.load_hf_dir)."""
     path = os.fspath(path)
     if checkpoint.is_native(path):
         cfg, params = checkpoint.load_native(path)

@@ -568,6 +568,11 @@ def _mixed_prefix(state):
     state["ln_f.weight"] = state.pop("transformer.ln_f.weight")
 
 
+def _foreign_names(state):
+    for k in list(state):
+        state["model.decoder." + k[len("transformer."):]] = state.pop(k)
+
+
 REFUSALS = {
     "relu": (dict(activation_function="relu"), None, "activation_function relu is not supported"),
     "gelu": (dict(activation_function="gelu"), None, "activation_function gelu is not supported"),
@@ -580,6 +585,8 @@ REFUSALS = {
                     "lm_head.weight differs from transformer.wte.weight"),
     "mixed-prefix": ({}, _mixed_prefix, "keys lack the `transformer.` prefix that others have: 1 key(s), "
                                         "e.g. ln_f.weight"),
+    "foreign-names": ({}, _foreign_names, "keys lack the `transformer.` prefix and are not GPT2Model's either, "
+                                          "e.g. model.decoder."),
     "nan": ({}, lambda s: s["transformer.h.1.mlp.c_fc.weight"].__setitem__((0, 0), float("nan")),
             "transformer.h.1.mlp.c_fc.weight has 1 non-finite value(s) (NaN/inf)"),
     "inf": ({}, lambda s: s["transformer.wpe.weight"].__setitem__((3, 1), float("-inf")),

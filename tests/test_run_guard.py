@@ -68,6 +68,20 @@ def strict_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in open(path)]
 
 
+def tensorboard_events(directory):
+    """Every event of the TensorBoard files under directory (TFRecord: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(directory.rglob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        i = 0
+        while i < len(raw):
+            n = int.from_bytes(raw[i:i + 8], "little")
+            events.append(event_pb2.Event.FromString(raw[i + 12:i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
 def assert_same_params(a, b):
     for x, y in zip(jax.tree.leaves(fg.load(a).params), jax.tree.leaves(fg.load(b).params)):
         np.testing.assert_array_equal(x, y)
@@ -147,7 +161,7 @@ def test_nonfinite_steps_never_reach_parameters_or_files(tmp_path):
 
 def test_flipped_bytes_and_a_torn_log_line_fall_back_to_an_intact_step(tmp_path):
     out, kept = tmp_path / "run", tmp_path / "kept"
-    cfg = tiny_config("gpt2", out, max_steps=4, save_steps=2, eval_steps=2, logging_steps=1)
+    cfg = tiny_config("gpt2", out, max_steps=4, save_steps=2, eval_steps=2, logging_steps=1, report_to="tensorboard")
     tr.train(cfg, prepared=corpus(), log=lambda m: None)
     shutil.copytree(out, kept)
     # Flip bytes in the largest data file of the latest step; tear the last metrics line.
@@ -166,6 +180,10 @@ def test_flipped_bytes_and_a_torn_log_line_fall_back_to_an_intact_step(tmp_path)
     assert any("dropped 1 unreadable (torn) line" in line for line in lines)
     assert read_metrics(out) == read_metrics(kept)
     assert_same_params(out, kept)
+    # TensorBoard is told to purge what the first run wrote past the restored step (purge_step 3).
+    from tensorboardX.proto import event_pb2
+    starts = [e.step for e in tensorboard_events(out / "tb") if e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [3]
     assert json.loads((out / "summary.json").read_text())["eval_loss"] == \
         json.loads((kept / "summary.json").read_text())["eval_loss"]
 

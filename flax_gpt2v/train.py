@@ -830,9 +830,9 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
         if pending is not None:
             stop = diverged(jax.device_get(pending), done)
     bar.close()
-    if not stop:  # a signal that came during the last step counts too
+    if not stop and done < total and not meta["stopped"]:  # a signal during the last step stops nothing
         code = run_guard.agree(code or signals.received or 0)
-    if code and code != 255 and done > start and ckpts.last_saved != done:
+    if code and code != 255 and done > start and done not in (ckpts.last_saved, ckpts.pending):
         save(done)  # the step a signal interrupted: checkpointed before stopping
     try:
         ckpts.finish()

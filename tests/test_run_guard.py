@@ -92,7 +92,8 @@ def assert_same_params(a, b):
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_step_and_a_resume_repeats_the_run(tmp_path):
     out, ref = tmp_path / "run", tmp_path / "ref"
-    proc = start_cli(tmp_path, out, **LONG)
+    # Saves every other step: the stop step is either saved at the signal or already being saved.
+    proc = start_cli(tmp_path, out, **{**LONG, "save_steps": 2, "save_total_limit": 1})
     wait_for_step(proc, out, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
@@ -111,11 +112,36 @@ def test_sigterm_checkpoints_the_step_and_a_resume_repeats_the_run(tmp_path):
     tr.train(tiny_config("gpt2", out, **{**LONG, "max_steps": n + 2}), prepared=corpus(), log=lines.append)
     assert f"resumed from {out}/checkpoints at step {n}" in lines
     assert f"resuming at step {n} with max_steps changed: 100000 -> {n + 2}" in lines
+    assert f"resuming at step {n} with save_steps changed: 2 -> 1000" in lines
     history = json.loads((out / "run_config.json").read_text())["history"]
-    assert history == [{"step": n, "changed": {"max_steps": [100000, n + 2]}}]
+    assert history == [{"step": n, "changed": {"max_steps": [100000, n + 2], "save_steps": [2, 1000],
+                                               "save_total_limit": [1, None]}}]
     tr.train(tiny_config("gpt2", ref, **{**LONG, "max_steps": n + 2}), prepared=corpus(), log=lambda m: None)
     assert read_metrics(out) == read_metrics(ref)
     assert_same_params(out, ref)
+
+
+SIGNAL_AT = """
+import os, signal
+indices = data.BatchSchedule.indices
+def signalling_indices(self, step):
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return indices(self, step)
+data.BatchSchedule.indices = signalling_indices
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_step_that_is_saved_anyway(tmp_path):
+    # The signal comes while step 4, a save step, runs: its checkpoint is the one the stop waits for.
+    out = tmp_path / "run"
+    proc = start_cli(tmp_path, out, hook=SIGNAL_AT.format(step=3), **{**LONG, "save_steps": 2})
+    _, err = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM at step 4; run the same command to resume"
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    assert all(run_checkpoints.verify(str(out / "checkpoints" / s)) is None for s in ("2", "4"))
 
 
 @pytest.mark.slow

@@ -118,7 +118,6 @@ class StopSignals:
     def __init__(self):
         self.received: int | None = None  # the first signal's number
         self.in_loop = False              # True: finish the step and checkpoint; False: stop at once
-        self.step = None                  # for the message of an immediate exit
         self._previous = {}
 
     def install(self) -> None:
@@ -141,8 +140,7 @@ class StopSignals:
             os._exit(128 + signum)
         self.received = signum
         if not self.in_loop:
-            where = "before training" if self.step is None else f"at step {self.step}"
-            raise RunStopped(f"stopped by {name} {where}; run the same command to resume", 128 + signum)
+            raise RunStopped(f"stopped by {name} before training; run the same command to resume", 128 + signum)
 
 
 def agree(code: int) -> int:

@@ -6,11 +6,14 @@ periodic evaluation with early stopping, asynchronous Orbax checkpoints and
 automatic resumption from `<output_dir>/checkpoints`. The global step is the
 whole training position: batches (BatchSchedule) and dropout keys are pure
 functions of it, so a resumed run repeats an uninterrupted one exactly.
+What a run survives (signals, non-finite steps, damaged checkpoints, a second
+run, a full disk) lives in run_guard.py and run_checkpoints.py; README has the table.
 
-Layout of `<output_dir>`: checkpoints/ (Orbax, the last `save_total_limit`),
-best/ (native checkpoint with the lowest eval loss), metrics.jsonl, tb/
-(TensorBoard), run_config.json, and at the end the final native checkpoint
-(config.json + flax_params.safetensors + tokenizer files) and hf/ (HF export).
+Layout of `<output_dir>`: checkpoints/ (Orbax, the last `save_total_limit`, each
+step with its sha256.json), best/ (native checkpoint with the lowest eval loss),
+metrics.jsonl, tb/ (TensorBoard), run_config.json, .lock while a run holds it, and
+at the end the final native checkpoint (config.json + flax_params.safetensors +
+tokenizer files) and hf/ (HF export).
 """
 from __future__ import annotations
 
@@ -771,7 +774,7 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
     timed_tokens, timed_seconds, t_mark, tokens_since, paused = 0, 0.0, None, 0, 0.0
     seq_len = last_eval = None
     done, pending, stop, code = start, None, None, 0  # pending: the previous step's metrics, read one step late
-    signals.in_loop, signals.step = True, start
+    signals.in_loop = True
     for step in range(start, total):
         # Every process stops at the same step: the stop code is agreed on (max over processes).
         code = run_guard.agree(signals.received or (255 if ckpts.poll() else 0))
@@ -825,7 +828,6 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
             paused += time.perf_counter() - eval_start  # evaluation is not training throughput
         if done % opts.save_steps == 0 or done == total or meta["stopped"]:
             save(done)
-        signals.step = done
     else:
         if pending is not None:
             stop = diverged(jax.device_get(pending), done)

@@ -68,7 +68,7 @@ class WandB:
                 run_id = f.read().strip()
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "flax-gpt2v",
                               name=run_config["train"]["run_name"], id=run_id, resume="allow",
-                              config=run_config, dir=None if os.environ.get("WANDB_DIR") else output_dir)
+                              config=run_config, dir=os.environ.get("WANDB_DIR") or output_dir)
         with open(id_file, "w") as f:
             f.write(run_id)
 
@@ -76,7 +76,11 @@ class WandB:
         self.run.log(hf_tags(record), step=record["step"])
 
     def close(self) -> None:
+        import wandb
         self.run.finish()
+        # wandb reads its WANDB_* settings once per session: ending the session lets the next run in this
+        # process (a sweep, a test) see the environment as it is then.
+        wandb.teardown()
 
 
 def open_backends(names: list[str], output_dir: str, run_config: dict, log: Callable[[str], None],

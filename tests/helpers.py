@@ -1,5 +1,8 @@
 """Shared test helpers: small configs for every variant and option, perturbed random models."""
+import contextlib
 import os
+import threading
+from http.server import ThreadingHTTPServer
 
 import jax
 import numpy as np
@@ -83,3 +86,18 @@ def write_small_tokenizer(directory, texts, vocab_size=300):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>").save_pretrained(str(directory))
     return raw
+
+
+@contextlib.contextmanager
+def serving(handler):
+    """A ThreadingHTTPServer for `handler` on a free port of 127.0.0.1, serving until the block ends;
+    yields its base URL (for HF_ENDPOINT)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -8,8 +8,7 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -17,6 +16,7 @@ from flax_gpt2v import train as tr
 from flax_gpt2v.config import ConfigError
 
 import test_train as t
+from helpers import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "hf_fake_token_for_tests"
@@ -85,19 +85,12 @@ class FakeHub:
                 oid = hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
                 return self.reply(200, {"commitUrl": f"{hub.endpoint}/{m.group(1)}/commit/{oid}", "commitOid": oid})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        self.handler, self.endpoint = Handler, None
 
     @contextlib.contextmanager
     def running(self):
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(self.handler) as self.endpoint:
             yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-            thread.join()
 
 
 def read_dir(d):
@@ -122,8 +115,7 @@ def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
                  hub_strategy="all_checkpoints")
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
-    hub = FakeHub()
-    with hub.running():
+    with FakeHub().running() as hub:
         r = subprocess.run([sys.executable, "-c", RUN.format(tests=os.path.dirname(__file__), out=str(out),
                                                              model_type="rotating-head-gpt2", extra=extra)],
                            capture_output=True, text=True, cwd=ROOT,
@@ -154,12 +146,11 @@ def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
 def test_hub_strategy_end_pushes_once(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    hub = FakeHub()
-    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     out = tmp_path / "run"
     lines = []
-    with hub.running():
+    with FakeHub().running() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         tr.train(t.tiny_config("gpt2", out, max_steps=4, save_steps=1, eval_steps=2, export_hf=True, push_to_hub=True,
                                hub_model_id="team/tiny", hub_token=TOKEN, hub_strategy="end"),
                  prepared=t.corpus(), log=lines.append)

@@ -12,8 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import jax
 import numpy as np
@@ -28,7 +27,7 @@ from flax_gpt2v import train as tr
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.keymap import flatten_params, torch_to_flax_params
 from flax_gpt2v.tokenizer import load_tokenizer
-from helpers import FP32_TOL, write_small_tokenizer
+from helpers import FP32_TOL, serving, write_small_tokenizer
 from test_convert import openai_config, reference_gpt2, save_layout
 from test_train import ROOT, TINY, corpus, read_metrics, tiny_config
 
@@ -302,19 +301,12 @@ class DownloadHub:
 
             do_HEAD = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        self.handler, self.endpoint = Handler, None
 
     @contextlib.contextmanager
     def running(self):
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with serving(self.handler) as self.endpoint:
             yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
-            thread.join()
 
 
 def test_hub_id_downloads_what_training_needs(tmp_path):

@@ -7,7 +7,6 @@ Differs from GPT-2 only in `Attention.transform_heads`, applied to o = softmax(q
 """
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from .config import head_dim
 from .gpt2 import Attention, GPT2LMHeadModel

@@ -12,14 +12,14 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoint, data
-from .config import VARIANT_DEFAULTS, ConfigError, read_json
+from .config import VARIANT_DEFAULTS, read_json
 from .lm import LM, load
 from .tokenizer import Tokenizer
 from .train import SUMMARY, eval_metrics, make_eval_step

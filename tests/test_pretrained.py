@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler
 import jax
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 import transformers
 
@@ -26,7 +25,6 @@ from flax_gpt2v import checkpoint, data, pretrained
 from flax_gpt2v import train as tr
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.keymap import flatten_params, torch_to_flax_params
-from flax_gpt2v.tokenizer import load_tokenizer
 from helpers import FP32_TOL, serving, write_small_tokenizer
 from test_convert import openai_config, reference_gpt2, save_layout
 from test_train import ROOT, TINY, corpus, read_metrics, tiny_config

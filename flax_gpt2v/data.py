@@ -45,6 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flax_gpt2v import ops
+from flax_gpt2v.original_experiments import block_length
 from flax_gpt2v.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
 
 DEFAULT_TOKENIZER = "gpt2-medium"
@@ -141,9 +142,9 @@ class DataSpec:
         text_column = dataset.pop("text_column", None)
         train_split = dataset.pop("train_split", "train")
         validation_split = dataset.pop("validation_split", "validation")
-        block_size = cfg.get("block_size") or cfg.get("max_seq_length") or DEFAULT_BLOCK_SIZE
         map_batch_size = cfg.get("batch_size")
-        for key, n in (("block_size", block_size), ("batch_size", map_batch_size),
+        for key, n in (("block_size", cfg.get("block_size")), ("max_seq_length", cfg.get("max_seq_length")),
+                       ("batch_size", map_batch_size),
                        ("dataset.num_proc", num_proc), ("max_train_samples", cfg.get("max_train_samples")),
                        ("max_eval_samples", cfg.get("max_eval_samples"))):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
@@ -157,6 +158,13 @@ class DataSpec:
             if percentage is None or not 0 < percentage < 100:
                 raise DataError("config key 'validation_split_percentage' must be a whole number "
                                 f"from 1 to 99, got {cfg.get('validation_split_percentage')!r}")
+        if source == "embedded":
+            # The embedded corpus has its own fixed split; these keys would otherwise be silently dropped.
+            for key in ("max_train_samples", "validation_split_percentage"):
+                if cfg.get(key) is not None:
+                    raise DataError(f"config key '{key}' applies to a dataset or train_file, not to the "
+                                    f"embedded corpus; give a data source or remove it (--{key} null)")
+        block_size = block_length(cfg) or DEFAULT_BLOCK_SIZE
         tokenizer_name = cfg.get("tokenizer_name") or DEFAULT_TOKENIZER
         return cls(
             source=source,

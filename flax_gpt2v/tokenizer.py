@@ -131,13 +131,13 @@ def _load_pretrained(name: str):
         hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as local_error:
         if os.path.isdir(name):
-            return None, f"{type(local_error).__name__}: {str(local_error).strip().splitlines()[0]}"
+            return None, f"{type(local_error).__name__}: {(str(local_error).strip().splitlines() or [''])[0]}"
         if not hub_reachable():
             return None, "not in the local Hugging Face cache and the Hub cannot be reached"
         try:
             hf = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
-            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
     if not hf.is_fast:
         return None, "only fast (tokenizers-backed) tokenizers are supported"
     if MASK_TOKEN not in hf.get_vocab():

@@ -45,8 +45,9 @@ def hf_tags(record: dict) -> dict:
 class TensorBoard:
     def __init__(self, output_dir: str, run_config: dict, restored_step: int = 0):
         from tensorboardX import SummaryWriter
-        # purge_step: TensorBoard hides what the lost part of an interrupted run wrote past the restored step.
-        self.writer = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=restored_step + 1 if restored_step else None)
+        # purge_step: TensorBoard hides what the lost part of an interrupted run wrote past the restored step
+        # (step 0 too: a run killed before its first checkpoint restarts from there).
+        self.writer = SummaryWriter(os.path.join(output_dir, "tb"), purge_step=restored_step + 1)
         self.writer.add_text("run_config", json.dumps(run_config, indent=2))  # as HF's callback adds its args
 
     def log(self, record: dict) -> None:

@@ -16,6 +16,7 @@ With several processes, `agree` makes every process stop at the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -35,7 +36,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DIVERGED_STATUS = 3
 
 
-class RunStopped(Exception):
+# A BaseException, like KeyboardInterrupt: code that catches Exception (a checkpoint restore that would
+# take the interruption for damage, a data loader, a reporting backend) must never swallow a stop.
+class RunStopped(BaseException):
     """The run stopped before its end on purpose (a signal, divergence); `status` is the exit status."""
 
     def __init__(self, message: str, status: int):
@@ -71,6 +74,14 @@ class RunLock:
             raise ConfigError(f"config key 'output_dir': {os.path.dirname(self.path)} is in use by another "
                               f"run ({holder}, lock {self.path}); wait for it to end or use another "
                               "output_dir") from None
+        if not _same_file(f, self.path):
+            # The holder removed the lock file (release) between our open and its unlock: the lock we got
+            # is on a file no one else will open. Take the new one instead.
+            f.close()
+            created = self.created_dir
+            self.acquire(log)
+            self.created_dir = created
+            return
         f.seek(0)
         previous = f.read().strip()
         if previous:
@@ -84,12 +95,20 @@ class RunLock:
 
     def release(self) -> None:
         if self.file is not None:
-            os.remove(self.path)  # before unlocking, so no one takes over a lock that is going away
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)  # before unlocking: a waiter that got this file retries (_same_file)
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None
             if self.created_dir and not os.listdir(os.path.dirname(self.path)):
                 os.rmdir(os.path.dirname(self.path))  # a run that wrote nothing leaves nothing
+
+
+def _same_file(f, path: str) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def describe(holder: str) -> str:

@@ -206,10 +206,11 @@ def test_flipped_bytes_and_a_torn_log_line_fall_back_to_an_intact_step(tmp_path)
     assert any("dropped 1 unreadable (torn) line" in line for line in lines)
     assert read_metrics(out) == read_metrics(kept)
     assert_same_params(out, kept)
-    # TensorBoard is told to purge what the first run wrote past the restored step (purge_step 3).
+    # Each run tells TensorBoard to purge what was written past its restored step: the first from step 1
+    # (a fresh start), the resumed one from step 3.
     from tensorboardX.proto import event_pb2
     starts = [e.step for e in tensorboard_events(out / "tb") if e.session_log.status == event_pb2.SessionLog.START]
-    assert starts == [3]
+    assert starts == [1, 3]
     assert json.loads((out / "summary.json").read_text())["eval_loss"] == \
         json.loads((kept / "summary.json").read_text())["eval_loss"]
 

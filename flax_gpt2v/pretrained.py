@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, hf_layouts
 from .config import MASK_TOKEN, PRESETS, VARIANT_DEFAULTS, ConfigError, inner_dim, load_config, padded_vocab
 from .keymap import flatten_params, key_table, unflatten_params
 
@@ -58,14 +58,16 @@ def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
 
     try:
         try:
-            path = fetch(HUB_PATTERNS, True)
+            path = fetch(HUB_PATTERNS + HUB_BIN_PATTERNS, True)
         except LocalEntryNotFoundError:
-            if not hub_reachable():
-                path = None
-            else:
-                path = fetch(HUB_PATTERNS, False)
-        if path is not None and not any(f.endswith(".safetensors") for f in os.listdir(path)):
-            path = fetch(HUB_PATTERNS + HUB_BIN_PATTERNS, not hub_reachable())
+            path = None
+        # A cached snapshot can be partial (only the tokenizer, say): without weights it does not count.
+        if path is not None and not hf_layouts.has_weights(path):
+            path = None
+        if path is None and hub_reachable():
+            path = fetch(HUB_PATTERNS, False)
+            if not any(f.endswith(".safetensors") for f in os.listdir(path)):  # .bin only when nothing else
+                path = fetch(HUB_PATTERNS + HUB_BIN_PATTERNS, False)
     except RepositoryNotFoundError:
         raise ConfigError(f"config key 'model_name_or_path': {name_or_path!r} is neither a local directory nor a "
                           "model repository on the Hub (or it is private and no token is set)") from None
@@ -136,6 +138,11 @@ def check_structure(src: Mapping[str, Any], cfg: Mapping[str, Any], name: str) -
         raise ConfigError(f"config key 'model_type': a {describe(cfg)} model has no place for the "
                           f"{describe(src)} checkpoint {name}'s {_group(lost)}; starting from a checkpoint "
                           "may add parameters to it, never drop any")
+    if src["model_type"] not in (cfg["model_type"], "gpt2"):
+        # A variant without parameters of its own (gp rotation, duo, parallel mean) would pass the
+        # parameter check above and silently lose what makes it that variant.
+        raise ConfigError(f"config key 'model_type': a {src['model_type']} checkpoint ({name}) starts only a "
+                          f"{src['model_type']} run; another model_type starts from a gpt2 checkpoint")
     reshaped = sorted(k for k in theirs if mine[k] != theirs[k])
     if reshaped:  # sizes agree, so only a variant key can do this
         raise ConfigError(f"config key 'model_type': {reshaped[0]} is {theirs[reshaped[0]]} in the checkpoint "

@@ -142,6 +142,22 @@ def test_a_checkpoint_parameter_is_never_dropped(source, target, lost, tmp_path)
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("source, target", [
+    (dict(model_type="rotating-head-gpt2", rotatinghead="gp"), dict(model_type="gpt2")),
+    (dict(model_type="duo-predict-gpt2"), dict(model_type="gpt2")),
+    (dict(model_type="parallel-gpt2", bottleneck_method="mean"), dict(model_type="dd-gpt2")),
+])
+def test_a_variant_without_parameters_of_its_own_starts_only_its_own_type(source, target, tmp_path):
+    # Nothing of these checkpoints would be dropped, but the variant itself would be.
+    ckpt = tmp_path / "src"
+    fg.init({**TINY, "vocab_size": 257, **source}).save(ckpt)
+    cfg = cfg_from(ckpt, tmp_path / "run", **target)
+    with pytest.raises(ConfigError, match=f"config key 'model_type': a {source['model_type']} checkpoint .* "
+                                          "starts only a") as e:
+        tr.load_run_config(cfg)
+    assert "\n" not in str(e.value)
+
+
 def test_same_variant_keeps_the_checkpoints_variant_keys(tmp_path):
     ckpt = tmp_path / "src"
     fg.init({**TINY, "vocab_size": 257, "model_type": "rotating-head-gpt2", "rotatinghead": "lr",

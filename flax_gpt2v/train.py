@@ -859,15 +859,16 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
 
     final_step = int(jax.device_get(state["step"]))
     params = host_params(state["params"])
-    if is_main:
-        save_final(opts, model_cfg, params, log)
-        hub.push_final(os.path.join(opts.output_dir, "hf"))
     summary_path = os.path.join(opts.output_dir, SUMMARY)
     if final_step == start and os.path.exists(summary_path):
-        # Rerunning a finished run trains nothing and measures nothing: its summary stands.
+        # Rerunning a finished run trains nothing and measures nothing: its summary, final model and
+        # export (written before the summary) stand, and nothing is pushed again.
         log(f"done: the run in {opts.output_dir} had already ended at step {final_step}")
         with open(summary_path) as f:
             return json.load(f)
+    if is_main:
+        save_final(opts, model_cfg, params, log)
+        hub.push_final(os.path.join(opts.output_dir, "hf"))
     summary = {"step": final_step, "num_params": num_params,
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else None, "mfu": None}
     if last_eval:

@@ -229,8 +229,11 @@ def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config("gpt2", out, max_steps=2, save_steps=2, eval_steps=2, warmup_steps=1)
     first = tr.train(cfg, prepared=corpus(), log=lambda m: None)
+    final_files = [out / "flax_params.safetensors", out / "config.json"]
+    written = [p.stat().st_mtime_ns for p in final_files]
     lines = []
     assert tr.train(cfg, prepared=corpus(), log=lines.append) == first
+    assert [p.stat().st_mtime_ns for p in final_files] == written  # the final model is not written again
     assert json.loads((out / "summary.json").read_text()) == first and "eval_loss" in first
     assert not any(line.startswith("resuming at step") for line in lines)  # nothing changed
     with pytest.raises(ConfigError, match=r"config key 'model_type': differs from the run"):

@@ -85,6 +85,19 @@ def save_native(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
     return _write_dir_atomically(path, overwrite, write, _owned_files("native"))
 
 
+def load_dir(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(validated config, nested float32 numpy params) of a native checkpoint or an HF directory in any
+    published layout; a directory whose config.json is native's is read as native, so a missing weights
+    file is named as such."""
+    config_file = os.path.join(path, CONFIG_FILE)
+    if is_native(path) or (os.path.isfile(config_file) and "flax_gpt2v_format" in read_json(config_file)):
+        return load_native(path)
+    if os.path.isfile(config_file):
+        return load_hf_dir(path)
+    raise FileNotFoundError(f"{path}: neither a flax-gpt2v checkpoint (flax_params.safetensors + config.json) "
+                            "nor an HF directory (config.json + weights)")
+
+
 def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
     """(validated config, nested float32 numpy params) of a native checkpoint."""
     _require_files(path, (CONFIG_FILE, NATIVE_WEIGHTS), "flax_gpt2v checkpoint")

@@ -89,12 +89,6 @@ def load(path: str | os.PathLike, *, dtype=None, **build) -> LM:
     """A native checkpoint directory, or an HF directory: ours, the original's Hub format, or GPT-2
     in any published layout (see checkpoint.load_hf_dir)."""
     path = os.fspath(path)
-    if checkpoint.is_native(path):
-        cfg, params = checkpoint.load_native(path)
-    elif os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):  # an HF directory, any layout
-        cfg, params = checkpoint.load_hf_dir(path)
-    else:
-        raise FileNotFoundError(f"{path}: neither a flax-gpt2v checkpoint (flax_params.safetensors + config.json) "
-                                "nor an HF directory (config.json + weights)")
+    cfg, params = checkpoint.load_dir(path)
     tokenizer_dir = path if checkpoint.has_tokenizer(path) else None
     return LM(cfg, jax.tree.map(jnp.asarray, params), dtype=dtype, tokenizer_dir=tokenizer_dir, **build)

@@ -84,13 +84,6 @@ def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
     return path
 
 
-def read(path: str) -> tuple[dict, dict]:
-    """(validated config, nested float32 numpy params) of a native or HF checkpoint directory."""
-    if checkpoint.is_native(path):
-        return checkpoint.load_native(path)
-    return checkpoint.load_hf_dir(path)
-
-
 def merge_config(model_raw: Mapping[str, Any], train: Mapping[str, Any]) -> tuple[dict, dict]:
     """(model keys, training keys) of a run starting from train["model_name_or_path"].
 
@@ -98,7 +91,7 @@ def merge_config(model_raw: Mapping[str, Any], train: Mapping[str, Any]) -> tupl
     tokenizer when the config names none and the checkpoint has one."""
     name = train["model_name_or_path"]
     path = resolve(name, train.get("cache_dir"))
-    src = read(path)[0]
+    src = checkpoint.load_dir(path)[0]
     raw = dict(model_raw)
     given = dict(raw)
     preset = train.get("config_name")
@@ -187,7 +180,7 @@ def initial_params(train: Mapping[str, Any], cfg: Mapping[str, Any], fresh: Mapp
     fresh initialisation (`fresh`, the variant's own init), the embedding gets `cfg`'s rows."""
     name = train["model_name_or_path"]
     path = resolve(name, train.get("cache_dir"))
-    src, params = read(path)
+    src, params = checkpoint.load_dir(path)
     added = check_structure(src, cfg, name)
     flat, out = flatten_params(params), flatten_params(fresh)
     for key, value in flat.items():

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from flax_gpt2v import evaluate as ev
+    from flax_gpt2v.evaluation import evaluate as ev
 
     if args.compare:
         rows = [ev.summarize_run(d) for d in args.compare]

@@ -12,7 +12,7 @@ from flax_gpt2v.cli import run_cli
 
 
 def help_text() -> str:
-    from flax_gpt2v.train import DATA_HELP, DEFAULTS, IGNORED_KEYS, OPTION_HELP
+    from flax_gpt2v.training.trainer import DATA_HELP, DEFAULTS, IGNORED_KEYS, OPTION_HELP
 
     def rows(items):
         return [f"  --{key} {value}\n      {meaning}" for key, value, meaning in items]
@@ -23,15 +23,15 @@ def help_text() -> str:
         *rows((k, json.dumps(DEFAULTS.get(k)), meaning) for k, meaning in OPTION_HELP.items()),
         "\ndata options:",
         *rows((k, default, meaning) for k, (default, meaning) in DATA_HELP.items()),
-        "\nmodel keys (model_type, n_layer, n_embd, ...; README, SPEC 1-5) are overridden the same way.",
+        "\nmodel keys (model_type, n_layer, n_embd, ...; README, docs/gpt2.md, docs/variants) are overridden the same way.",
         "--KEY null removes KEY from the config, so that its default applies (e.g. --dataset null).",
         "accepted, no effect here (named once in the log): " + ", ".join(sorted(IGNORED_KEYS)),
     ])
 
 
 def _main(argv: list[str]) -> int:
-    from flax_gpt2v.run_guard import RunStopped
-    from flax_gpt2v.train import parse_cli, train
+    from flax_gpt2v.training.run_guard import RunStopped
+    from flax_gpt2v.training.trainer import parse_cli, train
 
     if "--help" in argv or "-h" in argv:
         print(help_text())

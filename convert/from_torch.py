@@ -9,7 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flax_gpt2v.cli import ArgumentParser, run_cli  # noqa: E402
-from flax_gpt2v.checkpoint import import_hf  # noqa: E402
+from flax_gpt2v.hf.checkpoint import import_hf  # noqa: E402
 
 
 def _main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Export a native flax_gpt2v checkpoint as a Hugging Face directory (SPEC 7).
+"""Export a native flax_gpt2v checkpoint as a Hugging Face directory (docs/export.md).
 
     python convert/to_torch.py SRC DST [--dtype float32|bfloat16] [--force]
 """
@@ -9,7 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flax_gpt2v.cli import ArgumentParser, run_cli  # noqa: E402
-from flax_gpt2v.checkpoint import EXPORT_DTYPES, export_hf  # noqa: E402
+from flax_gpt2v.hf.checkpoint import EXPORT_DTYPES, export_hf  # noqa: E402
 
 
 def _main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Model configuration: HF `GPT2Config` field names plus the variant keys of SPEC 2-5.
+"""Model configuration: HF `GPT2Config` field names plus the variant keys of docs/variants.
 
 `load_config` accepts a dict or a JSON path holding either a model config (ours,
 an HF `config.json`, the original's Hub config) or one of the original's
@@ -45,7 +45,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {},
     "dd-gpt2": dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True),
     "parallel-gpt2": dict(bottleneck_method="mean"),
-    # SPEC 4: the original trained duo with 512 positions and 512-token blocks.
+    # docs/variants/duo-predict-gpt2.md: the original trained duo with 512 positions and 512-token blocks.
     "duo-predict-gpt2": dict(n_positions=512, duo_loss="dual", mask_token_id=None),
     "rotating-head-gpt2": dict(rotatinghead="lr", use_norm=False, base_frequency=10000.0,
                                gp_scales="code"),
@@ -97,7 +97,7 @@ TRAINING_KEYS = {
     "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",
     "preprocessing_num_workers", "max_eval_samples", "max_train_samples", "streaming",
     "validation_split_percentage", "cache_dir", "export_hf", "distributed",
-    # the rest of the original's files (SPEC 9); original_experiments says what each does here
+    # the rest of the original's files (docs/experiments.md); original_experiments says what each does here
     "train_files", "include_for_metrics", "model_revision", "use_fast_tokenizer", "tokenizer_file",
     "overwrite_cache", "should_log", "use_cpu", "keep_in_memory",
 }
@@ -136,7 +136,7 @@ def split_config(src: Mapping[str, Any] | str | os.PathLike) -> tuple[dict, dict
     raw = dict(src) if isinstance(src, Mapping) else read_json(src)
     train = {k: raw.pop(k) for k in list(raw) if k in TRAINING_KEYS}
     # run_clm's meaning: config_name names the sizes of a model trained from scratch;
-    # model_name_or_path (flax_gpt2v.pretrained) is a checkpoint to start from.
+    # model_name_or_path (flax_gpt2v.training.pretrained) is a checkpoint to start from.
     preset = train.get("config_name")
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise _err("config_name", f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
@@ -227,6 +227,13 @@ def _check_values(cfg: dict, train: dict) -> None:
         if lengths[key] > cfg["n_positions"]:
             raise _err(key, f"sequence length {lengths[key]} is longer than the {cfg['n_positions']} positions "
                             "the model has (n_positions)")
+
+
+def block_length(raw: dict) -> int | None:
+    """min(block_size, max_seq_length) of those given (the original's run_clm rule)."""
+    given = [raw[k] for k in ("block_size", "max_seq_length")
+             if isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool)]
+    return min(given) if given else None
 
 
 def head_dim(cfg: Mapping[str, Any]) -> int:

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, keymap
-from .config import load_config
-from .generate import make_decoder
-from .models import build_model
+from flax_gpt2v.hf import checkpoint, keymap
+from flax_gpt2v.config import load_config
+from flax_gpt2v.models.generate import make_decoder
+from flax_gpt2v.models import build_model
 
 
 class LM:
@@ -77,7 +77,7 @@ class LM:
 
 
 def init(config, seed: int = 0, *, dtype=None, **build) -> LM:
-    """A randomly initialised model (SPEC 1 init) from a config dict or JSON path."""
+    """A randomly initialised model (docs/gpt2.md init) from a config dict or JSON path."""
     cfg = load_config(config)
     module = build_model(cfg)
     dummy = jnp.zeros((1, 1), jnp.int32)

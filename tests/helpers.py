@@ -15,7 +15,7 @@ FIXTURE_CASES = sorted(os.listdir(FIXTURES))
 FP32_TOL = dict(atol=1e-4, rtol=1e-4)
 
 SMALL = dict(vocab_size=96, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=None)
-# Every variant and option (SPEC 2-5).
+# Every variant and option (docs/variants).
 VARIANTS = {
     "gpt2": dict(model_type="gpt2"),
     "dd-drift": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=False),

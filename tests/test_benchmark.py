@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flax_gpt2v.benchmark import main
+from flax_gpt2v.evaluation.benchmark import main
 
 SIDE_FIELDS = ("device", "first_step_s", "train_tokens_per_s", "train_rounds_tokens_per_s", "peak_flops", "mfu",
                "peak_memory_bytes", "peak_memory_source", "forward_tokens_per_s", "forward_rounds_tokens_per_s",

@@ -10,11 +10,9 @@ import pytest
 import safetensors.numpy
 from safetensors import safe_open
 
-from flax_gpt2v.checkpoint import (CheckpointError, is_hf, is_native, load_hf_dir, load_native,
-                                   save_hf_dir, save_native)
+from flax_gpt2v.hf.checkpoint import CheckpointError, is_hf, is_native, load_hf_dir, load_native, save_hf_dir, save_native
 from flax_gpt2v.config import load_config
-from flax_gpt2v.keymap import (ConversionError, flatten_params, flax_to_torch_state, key_table,
-                               torch_to_flax_params, unflatten_params)
+from flax_gpt2v.hf.keymap import ConversionError, flatten_params, flax_to_torch_state, key_table, torch_to_flax_params, unflatten_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "original")
@@ -300,11 +298,11 @@ def test_bf16_export_writes_bf16(tmp_path):
 @pytest.mark.parametrize("case", [c for c in ORIGINAL_CASES if c != "gpt2"])
 def test_hf_export_variants_load_with_remote_code(tmp_path, case):
     if not os.path.exists(os.path.join(ROOT, "flax_gpt2v", "torch_twins", "__init__.py")):
-        pytest.skip("flax_gpt2v.torch_twins not written yet")
+        pytest.skip("flax_gpt2v.hf.twins not written yet")
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flax_gpt2v.torch_twins import TWINS
+    from flax_gpt2v.hf.twins import TWINS
 
     cfg, params = load_hf_dir(os.path.join(FIXTURES, case))
     files = save_hf_dir(tmp_path / "hf", cfg, params)["files"]

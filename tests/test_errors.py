@@ -22,9 +22,9 @@ import safetensors.numpy
 
 import eval_jax
 import train_jax
-from flax_gpt2v import train as tr
-from flax_gpt2v.benchmark import main as benchmark_main
-from flax_gpt2v.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native
+from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.evaluation.benchmark import main as benchmark_main
+from flax_gpt2v.hf.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native
 from flax_gpt2v.cli import run_cli
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from helpers import perturbed_lm

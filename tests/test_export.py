@@ -5,9 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import flax_gpt2v as fg
-from flax_gpt2v import checkpoint, ops
+from flax_gpt2v.hf import checkpoint
+from flax_gpt2v.models import ops
 from flax_gpt2v.config import BASE_DEFAULTS, CHOICES, MODEL_TYPES, VARIANT_DEFAULTS, load_config
-from flax_gpt2v.keymap import flatten_params
+from flax_gpt2v.hf.keymap import flatten_params
 from helpers import FP32_TOL, VARIANTS, off_default, perturbed_lm, random_ids, small_config
 
 SEEDS = (0, 1)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from flax_gpt2v import train as tr
+from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import ConfigError
 
 import test_train as t
@@ -102,7 +102,7 @@ RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 import test_train as t
-from flax_gpt2v import train as tr
+from flax_gpt2v.training import trainer as tr
 tr.train(t.tiny_config({model_type!r}, {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
 """
 

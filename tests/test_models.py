@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import flax_gpt2v as fg
-from flax_gpt2v import ops
-from flax_gpt2v.keymap import flatten_params, unflatten_params
+from flax_gpt2v.models import ops
+from flax_gpt2v.hf.keymap import flatten_params, unflatten_params
 from flax_gpt2v.models import build_model
 from helpers import FIXTURE_CASES, FIXTURES, FP32_TOL, VARIANTS, perturbed_lm, random_ids, small_config
 
@@ -104,7 +104,7 @@ def reachability(mask, steps):
 
 @pytest.mark.parametrize("n_layer", [1, 2])
 def test_duo_dependency_pattern(n_layer):
-    """One layer: output k depends on input j exactly where SPEC 4's mask allows. Deeper: the
+    """One layer: output k depends on input j exactly where docs/variants/duo-predict-gpt2.md's mask allows. Deeper: the
     mask's transitive closure (so from layer 2 on, the mask after x_m does see x_m through
     x_{m+1}'s hidden state: the original's pattern hides x_m from the first layer only)."""
     lm = perturbed_lm("duo-predict", n_layer=n_layer)

@@ -26,7 +26,7 @@ WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import test_train as t
-from flax_gpt2v import run_guard, train as tr
+from flax_gpt2v.training import run_guard, trainer as tr
 try:
     summary = tr.train(t.tiny_config("gpt2", {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
 except run_guard.RunStopped as e:

@@ -1,4 +1,4 @@
-"""Unit and property tests of the pure math in flax_gpt2v.ops."""
+"""Unit and property tests of the pure math in flax_gpt2v.models.ops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flax_gpt2v import ops
+from flax_gpt2v.models import ops
 
 
 def test_gelu_new_is_tanh_gelu():

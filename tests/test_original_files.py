@@ -1,4 +1,4 @@
-"""The original's experiment files (SPEC 9) run unchanged, and its data preparation (SPEC 6)
+"""The original's experiment files (docs/experiments.md) run unchanged, and its data preparation (docs/training.md)
 matches what `datasets` + run_clm's `group_texts` give. Local data only."""
 import json
 import os
@@ -10,10 +10,11 @@ import pytest
 from huggingface_hub import constants
 
 import train_jax
-from flax_gpt2v import data, original_experiments as oe, tokenizer
-from flax_gpt2v import train as tr
+from flax_gpt2v.data import pipeline as data, tokenizer
+from flax_gpt2v.training import original_experiments as oe
+from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
-from flax_gpt2v.data import map_batch_starts, prepare_data
+from flax_gpt2v.data.pipeline import map_batch_starts, prepare_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL = os.path.join(ROOT, "tests", "fixtures", "original-configs")
@@ -55,7 +56,7 @@ def original_blocks(text_file, split, tok, block, batch_size, num_proc):
     return np.array(grouped["input_ids"], dtype=np.int32).reshape(-1, block)
 
 
-# ---------------------------------------------------------------- data preparation (SPEC 6)
+# ---------------------------------------------------------------- data preparation (docs/training.md)
 
 @pytest.mark.parametrize("n, batch_size, num_proc", [(103, 10, None), (103, 10, 3), (7, 4, 20), (50, None, 2)])
 def test_map_batch_starts_are_those_datasets_map_uses(n, batch_size, num_proc):
@@ -112,7 +113,7 @@ def test_validation_file_and_dataset_split_win_only_without_percentage(tmp_path)
     cfg = {"train_file": train, "validation_file": val, "validation_split_percentage": "10", "block_size": 8}
     got = prepare_data(cfg, str(tmp_path / "c"), log=lambda s: None)
     assert got.validation.size == sum(len(got.tokenizer.encode(t)) for t in LINES[200:]) // 8 * 8
-    # A dataset with its own validation split: the percentage takes train[:P%] instead (SPEC 6).
+    # A dataset with its own validation split: the percentage takes train[:P%] instead (docs/training.md).
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": LINES[:200]}),
                                "validation": datasets.Dataset.from_dict({"text": LINES[200:]})})
     dd.save_to_disk(str(tmp_path / "saved"))
@@ -134,7 +135,7 @@ def test_bad_data_keys_name_the_key(tmp_path, bad):
         data.DataSpec.from_config({"train_file": write_lines(tmp_path / "a.txt", LINES), **bad})
 
 
-# ---------------------------------------------------------------- keys (SPEC 9)
+# ---------------------------------------------------------------- keys (docs/experiments.md)
 
 SPEC9_FILE = {
     "run_name": "r", "model_name": "m",

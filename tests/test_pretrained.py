@@ -21,10 +21,12 @@ import torch
 import transformers
 
 import flax_gpt2v as fg
-from flax_gpt2v import checkpoint, data, pretrained
-from flax_gpt2v import train as tr
+from flax_gpt2v.hf import checkpoint
+from flax_gpt2v.data import pipeline as data
+from flax_gpt2v.training import pretrained
+from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import ConfigError
-from flax_gpt2v.keymap import flatten_params, torch_to_flax_params
+from flax_gpt2v.hf.keymap import flatten_params, torch_to_flax_params
 from helpers import FP32_TOL, serving, write_small_tokenizer
 from test_convert import openai_config, reference_gpt2, save_layout
 from test_train import ROOT, TINY, corpus, read_metrics, tiny_config
@@ -401,7 +403,8 @@ KILLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 import test_train as t
-from flax_gpt2v import train as tr, data
+from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.data import pipeline as data
 indices = data.BatchSchedule.indices
 def dying_indices(self, step):
     if step == {kill_at}:

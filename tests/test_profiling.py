@@ -1,7 +1,7 @@
 """Top-op summaries of profiler traces: self time under nesting, which threads count, HLO names."""
 import pytest
 
-from flax_gpt2v import profiling
+from flax_gpt2v.evaluation import profiling
 
 
 def meta(kind, pid, name, tid=None):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flax_gpt2v import reporting, train as tr
+from flax_gpt2v.training import reporting, trainer as tr
 from flax_gpt2v.config import ConfigError
 
 import test_train as t

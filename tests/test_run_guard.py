@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import flax_gpt2v as fg
-from flax_gpt2v import run_checkpoints, run_guard
-from flax_gpt2v import train as tr
-from flax_gpt2v.checkpoint import CheckpointError
+from flax_gpt2v.training import run_checkpoints, run_guard
+from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.hf.checkpoint import CheckpointError
 from flax_gpt2v.config import ConfigError
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +32,8 @@ import sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import test_train as t
 import train_jax
-from flax_gpt2v import data, train as tr
+from flax_gpt2v.data import pipeline as data
+from flax_gpt2v.training import trainer as tr
 {hook}
 real_train = tr.train
 tr.train = lambda config, overrides: real_train(config, overrides, prepared=t.corpus())
@@ -244,7 +245,7 @@ def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
 
 HOLDER = """
 import sys, time
-from flax_gpt2v import run_guard
+from flax_gpt2v.training import run_guard
 lock = run_guard.RunLock(sys.argv[1])
 lock.acquire(print)
 print("locked", flush=True)

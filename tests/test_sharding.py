@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import flax_gpt2v as fg
-from flax_gpt2v import sharding
-from flax_gpt2v import train as tr
+from flax_gpt2v.training import sharding
+from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import ConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -92,8 +92,9 @@ sys.path.insert(0, "tests")
 import jax, jax.numpy as jnp, numpy as np
 import test_train as tt
 import flax_gpt2v as fg
-from flax_gpt2v import data, sharding, train as tr
-from flax_gpt2v.schedule import lr_schedule
+from flax_gpt2v.data import pipeline as data
+from flax_gpt2v.training import sharding, trainer as tr
+from flax_gpt2v.training.schedule import lr_schedule
 assert len(jax.devices()) == 8
 report = {}
 for model_type in ("gpt2", "parallel-gpt2", "duo-predict-gpt2"):

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from flax_gpt2v import tokenizer
-from flax_gpt2v.data import DataError, prepare_data
+from flax_gpt2v.data import tokenizer
+from flax_gpt2v.data.pipeline import DataError, prepare_data
 
 import tfds_tiny_text
 from helpers import write_small_tokenizer

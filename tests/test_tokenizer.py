@@ -7,8 +7,8 @@ import os
 import pytest
 import regex
 
-from flax_gpt2v import tokenizer
-from flax_gpt2v.tokenizer import gpt2_tokenizer, load_tokenizer
+from flax_gpt2v.data import tokenizer
+from flax_gpt2v.data.tokenizer import gpt2_tokenizer, load_tokenizer
 
 from helpers import write_small_tokenizer
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from flax_gpt2v.torch_twins import TWINS, CoreGPT2LMHeadModel, auto_map, bundle_source
+from flax_gpt2v.hf.twins import TWINS, CoreGPT2LMHeadModel, auto_map, bundle_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

@@ -1,6 +1,7 @@
-"""Trainer tests on tiny models and a small real-text corpus (SPEC.md, byte-level tokens)."""
+"""Trainer tests on tiny models and a small real-text corpus (the repository's docs/, byte-level tokens)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -14,12 +15,14 @@ import optax
 import pytest
 
 import flax_gpt2v as fg
-from flax_gpt2v import data, ops, sharding
+from flax_gpt2v.data import pipeline as data
+from flax_gpt2v.models import ops
+from flax_gpt2v.training import sharding
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
-from flax_gpt2v.keymap import flatten_params
-from flax_gpt2v.checkpoint import CheckpointError
-from flax_gpt2v.schedule import adamw, decay_mask, lr_schedule, stack_layers, unstack_layers
-from flax_gpt2v import train as tr
+from flax_gpt2v.hf.keymap import flatten_params
+from flax_gpt2v.hf.checkpoint import CheckpointError
+from flax_gpt2v.training.schedule import adamw, decay_mask, lr_schedule, stack_layers, unstack_layers
+from flax_gpt2v.training import trainer as tr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 32
@@ -42,9 +45,9 @@ class ByteTokenizer:
 
 
 def corpus(block=BLOCK):
-    """SPEC.md as bytes cut into blocks; the last tenth is the validation split."""
-    spec = os.path.join(os.path.dirname(ROOT), "shared", "SPEC.md")
-    text = open(spec if os.path.exists(spec) else os.path.join(ROOT, "flax_gpt2v", "gpt2.py"), "rb").read()
+    """The repository's docs/ (English prose) as bytes cut into blocks; the last tenth is the validation split."""
+    docs = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+    text = b"\n".join(open(f, "rb").read() for f in docs)
     ids = np.frombuffer(text, np.uint8).astype(np.int32)
     blocks = ids[: len(ids) // block * block].reshape(-1, block)
     n_val = max(8, len(blocks) // 10)
@@ -286,7 +289,8 @@ KILLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 import test_train as t
-from flax_gpt2v import train as tr, data
+from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.data import pipeline as data
 indices = data.BatchSchedule.indices
 def dying_indices(self, step):
     if step == {kill_at}:

@@ -10,13 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model,
-                          PreTrainedTokenizerFast, pipeline)
+from transformers import (AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model, PreTrainedTokenizerFast, pipeline)
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-from flax_gpt2v.checkpoint import load_hf_dir, save_hf_dir
-from flax_gpt2v.torch_twins import TWINS, auto_map, bundle_source
-from flax_gpt2v.torch_twins.core import CACHE_FIELD
+from flax_gpt2v.hf.checkpoint import load_hf_dir, save_hf_dir
+from flax_gpt2v.hf.twins import TWINS, auto_map, bundle_source
+from flax_gpt2v.hf.twins.core import CACHE_FIELD
 from test_torch_twins import FIXTURES, FP32_TOL, SMALL, VARIANTS, random_model
 
 # GPT-2 with other class names: dd with drift and diffusion off, and duo-predict on inputs no longer than
@@ -392,7 +391,7 @@ def test_torch_compile_equals_eager(variant, export_dir):
 
 @pytest.mark.parametrize("model_type, extra", [("dd-gpt2", {}), ("rotating-head-gpt2", dict(use_norm=True))])
 def test_fresh_base_and_lm_models_initialise_as_the_original(model_type, extra):
-    """SPEC 1, 2, 5 init, whichever class is built: c_proj N(0, 0.02 / sqrt(2 n_layer)), drift and diffusion
+    """docs/gpt2.md, 2, 5 init, whichever class is built: c_proj N(0, 0.02 / sqrt(2 n_layer)), drift and diffusion
     N(0, 1), baseline N(0, 1e-3), learned frequencies N(0, 1), the frequencies' LayerNorm 1 and 0."""
     config_class, model_class, _ = TWINS[model_type]
     config = config_class(vocab_size=V, n_positions=16, n_embd=512, n_head=8, n_layer=2)

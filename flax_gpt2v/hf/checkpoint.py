@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import safetensors.numpy
 
-from flax_gpt2v.config import HF_MUST_BE, load_config, read_json
+from flax_gpt2v.config import HF_MUST_BE, read_json
+from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
 from flax_gpt2v.hf.keymap import (check_flax_params, check_weights, flatten_params, flax_to_torch_state,
                                   torch_to_flax_params, unflatten_params)
@@ -37,14 +38,6 @@ OTHER_WEIGHT_FILES = ("flax_model.msgpack", "tf_model.h5")
 # What the trainer writes into every output_dir (train.py), and what Orbax writes into a checkpoint.
 RUN_MARKERS = ("run_config.json", "checkpoints")
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
-# The original's class names, so its own code recognises the exported files.
-ARCHITECTURES = {
-    "gpt2": "GPT2LMHeadModel",
-    "dd-gpt2": "DDGPT2LMHeadModel",
-    "parallel-gpt2": "ParallelGPT2LMHeadModel",
-    "duo-predict-gpt2": "DuoPredictGPT2LMHeadModel",
-    "rotating-head-gpt2": "RotatingHeadGPT2LMHeadModel",
-}
 
 
 def is_native(path: str | os.PathLike) -> bool:
@@ -131,11 +124,11 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
     # np.array copies: torch.from_numpy needs a writable array and jax buffers are read-only.
     tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(torch_dtype).contiguous()
                for k, v in flax_to_torch_state(params, cfg).items()}
-    mt = cfg["model_type"]
-    hf_config = {"architectures": [ARCHITECTURES[mt]], **cfg, **HF_MUST_BE,
+    mt, variant = cfg["model_type"], variant_of(cfg)
+    hf_config = {"architectures": [variant.architecture], **cfg, **HF_MUST_BE,
                  "torch_dtype": dtype, "dtype": dtype}
     modeling = None
-    if mt != "gpt2":  # the baseline is transformers' own GPT2LMHeadModel
+    if variant.twin_module is not None:  # plain GPT-2 is transformers' own GPT2LMHeadModel
         from flax_gpt2v.hf.twins import TWINS, auto_map, bundle_source
         hf_config["auto_map"] = auto_map(mt)
         modeling = (TWINS[mt][2], bundle_source(mt))

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from flax_gpt2v.config import head_dim, inner_dim, padded_vocab
+from flax_gpt2v.config import inner_dim, padded_vocab
+from flax_gpt2v.models import variant_of
 
 # Flax leaf name -> torch leaf name; every other path component is kept as is.
 _LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -110,8 +111,8 @@ def _to_flax(e: KeyEntry, a):
 
 def key_table(cfg: Mapping[str, Any]) -> list[KeyEntry]:
     """Every parameter of the model `cfg` (a validated config) describes."""
-    d, h, dh, inner = cfg["n_embd"], cfg["n_head"], head_dim(cfg), inner_dim(cfg)
-    mt = cfg["model_type"]
+    d, inner = cfg["n_embd"], inner_dim(cfg)
+    variant = variant_of(cfg)
     rows = [("transformer/wpe/embedding", (cfg["n_positions"], d))]
     for i in range(cfg["n_layer"]):
         p = f"transformer/h/{i}/"
@@ -121,25 +122,11 @@ def key_table(cfg: Mapping[str, Any]) -> list[KeyEntry]:
                  (p + "ln_2/scale", (d,)), (p + "ln_2/bias", (d,)),
                  (p + "mlp/c_fc/kernel", (d, inner)), (p + "mlp/c_fc/bias", (inner,)),
                  (p + "mlp/c_proj/kernel", (inner, d)), (p + "mlp/c_proj/bias", (d,))]
-        if mt == "dd-gpt2":
-            if cfg["apply_drift"]:
-                rows.append((p + "attn/drift_param", (h, dh)))
-                if cfg["baseline_each_head"]:
-                    rows.append((p + "attn/baseline", (h, dh)))
-            if cfg["apply_diffusion"]:
-                rows.append((p + "attn/diffusion_param", (h, dh)))
-        if mt == "rotating-head-gpt2":
-            if cfg["rotatinghead"] == "lr":  # GP frequencies are computed, not stored
-                rows.append((p + "attn/rope/frequencies", (h, dh // 2)))
-            if cfg["use_norm"]:
-                rows += [(p + "attn/rope/layer_norm/scale", (dh // 2,)),
-                         (p + "attn/rope/layer_norm/bias", (dh // 2,))]
+        rows += [(p + path, *rest) for path, *rest in variant.layer_params(cfg)]
     rows += [("transformer/ln_f/scale", (d,)), ("transformer/ln_f/bias", (d,))]
     table = [_entry("transformer/wte/embedding", (padded_vocab(cfg), d), "pad_rows", (cfg["vocab_size"], d))]
-    table += [_entry(path, shape) for path, shape in rows]
-    if mt == "parallel-gpt2" and cfg["bottleneck_method"] == "concat":
-        table += [_entry("transformer/bottleneck/kernel", (2 * d, d), "transpose"),
-                  _entry("transformer/bottleneck/bias", (d,))]
+    table += [_entry(*row) for row in rows]
+    table += [_entry(*row) for row in variant.model_params(cfg)]
     return table
 
 

@@ -6,6 +6,7 @@ compared with transformers' own GPT2Model / GPT2LMHeadModel holding the same wei
 (rotating head, parallel, dd with drift) are checked for consistency between the paths."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from flax_gpt2v.hf.checkpoint import load_hf_dir, save_hf_dir
 from flax_gpt2v.hf.twins import TWINS, auto_map, bundle_source
 from flax_gpt2v.hf.twins.core import CACHE_FIELD
-from test_torch_twins import FIXTURES, FP32_TOL, SMALL, VARIANTS, random_model
+import helpers
+from helpers import FP32_TOL, TWIN_SMALL as SMALL, TWIN_VARIANTS as VARIANTS, random_model
+
+FIXTURES = Path(helpers.FIXTURES)
 
 # GPT-2 with other class names: dd with drift and diffusion off, and duo-predict on inputs no longer than
 # n_positions (the plain layout; every input below is).

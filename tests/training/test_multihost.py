@@ -18,6 +18,9 @@ import flax_gpt2v as fg
 
 from helpers import ROOT, TESTS, read_metrics
 
+# Two processes that each want the machine: under xdist, one such test at a time (tests/conftest.py).
+pytestmark = pytest.mark.whole_machine
+
 # Each process trains tiny_config (test_train) on corpus(); the coordinator comes from JAX_* variables.
 WORKER = """
 import json, sys

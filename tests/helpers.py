@@ -117,6 +117,11 @@ _NON_DEFAULT_BY_TYPE = {
 }
 
 
+# For twin-vs-transformers comparisons: the GPT-2 fields both sides read, off their defaults, so a twin
+# that ignores one of them (its LayerNorms' epsilon, its MLP width, its init scale) differs from GPT-2.
+TWIN_OFF_DEFAULT = {k: _NON_DEFAULT[k] for k in ("layer_norm_epsilon", "n_inner", "initializer_range")}
+
+
 def off_default(variant):
     """Overrides for cross-framework tests: with SMALL, every field reaching both sides is off its default."""
     return {**_NON_DEFAULT, **_NON_DEFAULT_BY_TYPE.get(VARIANTS[variant]["model_type"], {})}
@@ -161,7 +166,7 @@ def write_small_tokenizer(directory, texts, vocab_size=300):
 
 # ---------------------------------------------------------------- torch twins
 
-def random_model(variant, seed=1):
+def random_model(variant, seed=1, **overrides):
     """A torch twin with random, perturbed weights (transformers-side tests)."""
     import torch
 
@@ -170,7 +175,7 @@ def random_model(variant, seed=1):
     model_type, extra = TWIN_VARIANTS[variant]
     config_class, model_class, _ = TWINS[model_type]
     torch.manual_seed(seed)
-    model = model_class(config_class(**{**TWIN_SMALL, **extra}))
+    model = model_class(config_class(**{**TWIN_SMALL, **extra, **overrides}))
     # GPT-2 init makes a tiny random model emit one token forever; larger weights make the
     # generated sequences varied enough for cache/no-cache comparisons to mean something.
     with torch.no_grad():

@@ -12,9 +12,8 @@ import flax_gpt2v as fg
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.data.tokenizer import load_tokenizer
 
-from helpers import off_default, perturbed_lm, small_config, write_small_tokenizer
+from helpers import ROOT, off_default, perturbed_lm, small_config, write_small_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_jax  # noqa: E402
 from flax_gpt2v.evaluation import evaluate as ev  # noqa: E402
@@ -143,7 +142,7 @@ def test_describe_data(data, text):
 
 def test_compare_names_variant_and_data_in_table_and_plots(tmp_path, monkeypatch):
     import matplotlib.figure
-    import test_train as t
+    import helpers as t
     from flax_gpt2v.training import trainer as tr
 
     runs = {"wiki-dd": ("dd-gpt2", dict(apply_diffusion=False, dataset={"path": "wikitext", "name": "wikitext-103-raw-v1"},

@@ -13,9 +13,8 @@ from flax_gpt2v.data import tokenizer
 from flax_gpt2v.data.pipeline import DataError, prepare_data
 
 import tfds_tiny_text
-from helpers import write_small_tokenizer
+from helpers import ROOT, write_small_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 """Trainer tests on tiny models and a small real-text corpus (the repository's docs/, byte-level tokens)."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -23,52 +22,7 @@ from flax_gpt2v.hf.keymap import flatten_params
 from flax_gpt2v.hf.checkpoint import CheckpointError
 from flax_gpt2v.training.schedule import adamw, decay_mask, lr_schedule, stack_layers, unstack_layers
 from flax_gpt2v.training import trainer as tr
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCK = 32
-TINY = dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-VARIANTS = {
-    "gpt2": {},
-    "dd-gpt2": {},
-    "parallel-gpt2": {"bottleneck_method": "concat"},
-    "duo-predict-gpt2": {},
-    "rotating-head-gpt2": {"rotatinghead": "gp", "use_norm": True},
-}
-
-
-class ByteTokenizer:
-    vocab_size, mask_token_id, eos_token_id, source = 257, 256, None, "bytes"
-
-    def save(self, directory):
-        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-            json.dump({"type": "bytes", "vocab_size": self.vocab_size}, f)
-
-
-def corpus(block=BLOCK):
-    """The repository's docs/ (English prose) as bytes cut into blocks; the last tenth is the validation split."""
-    docs = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
-    text = b"\n".join(open(f, "rb").read() for f in docs)
-    ids = np.frombuffer(text, np.uint8).astype(np.int32)
-    blocks = ids[: len(ids) // block * block].reshape(-1, block)
-    n_val = max(8, len(blocks) // 10)
-    return types.SimpleNamespace(tokenizer=ByteTokenizer(), train=blocks[:-n_val], validation=blocks[-n_val:],
-                                 source="SPEC.md as bytes")
-
-
-def tiny_config(model_type="gpt2", out="runs/x", **train):
-    cfg = {"model_type": model_type, **TINY, **VARIANTS[model_type], "output_dir": str(out),
-           "block_size": BLOCK, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 30,
-           "warmup_steps": 3, "logging_steps": 5, "eval_steps": 15, "save_steps": 15, "bf16": False,
-           "gradient_checkpointing": False, "seed": 0, "export_hf": False, "report_to": "none"}
-    cfg.update(train)
-    return cfg
-
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
+from helpers import KILLED_RUN, ROOT, TESTS, TINY, TRAIN_VARIANTS as VARIANTS, corpus, read_metrics, tiny_config
 
 # ---------------------------------------------------------------- optimizer pieces
 
@@ -285,23 +239,6 @@ def test_early_stopping(tmp_path):
     assert best == pytest.approx(min(m["eval_loss"] for m in read_metrics(out) if "eval_loss" in m))
 
 
-KILLED_RUN = """
-import os, signal, sys, time
-sys.path.insert(0, {tests!r})
-import test_train as t
-from flax_gpt2v.training import trainer as tr
-from flax_gpt2v.data import pipeline as data
-indices = data.BatchSchedule.indices
-def dying_indices(self, step):
-    if step == {kill_at}:
-        time.sleep(1.0)  # lets the asynchronous checkpoint of step 8 land, as it would in a long run
-        os.kill(os.getpid(), signal.SIGKILL)
-    return indices(self, step)
-data.BatchSchedule.indices = dying_indices
-tr.train(t.tiny_config({model_type!r}, {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["dd-gpt2"])
 def test_sigkill_and_resume_is_exact(model_type, tmp_path):
@@ -310,7 +247,7 @@ def test_sigkill_and_resume_is_exact(model_type, tmp_path):
                  gradient_accumulation_steps=2, per_device_train_batch_size=4)
     ref, out = tmp_path / "ref", tmp_path / "killed"
     tr.train(tiny_config(model_type, ref, **extra), prepared=corpus(), log=lambda m: None)
-    script = KILLED_RUN.format(tests=os.path.dirname(__file__), kill_at=10, model_type=model_type, out=str(out),
+    script = KILLED_RUN.format(tests=TESTS, kill_at=10, model_type=model_type, out=str(out),
                                extra=extra)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == -9, r.stderr[-2000:]

@@ -16,16 +16,16 @@ import pytest
 
 import flax_gpt2v as fg
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-sys.path.insert(0, TESTS)
-from test_train import read_metrics  # noqa: E402
+from helpers import ROOT, TESTS, read_metrics
+
+# Two processes that each want the machine: under xdist, one such test at a time (tests/conftest.py).
+pytestmark = pytest.mark.whole_machine
 
 # Each process trains tiny_config (test_train) on corpus(); the coordinator comes from JAX_* variables.
 WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r})
-import test_train as t
+import helpers as t
 from flax_gpt2v.training import run_guard, trainer as tr
 try:
     summary = tr.train(t.tiny_config("gpt2", {out!r}, **{extra!r}), prepared=t.corpus(), log=print)

@@ -15,8 +15,8 @@ from flax_gpt2v.training import original_experiments as oe
 from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from flax_gpt2v.data.pipeline import map_batch_starts, prepare_data
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL = os.path.join(ROOT, "tests", "fixtures", "original-configs")
 FILES = sorted(os.listdir(ORIGINAL))
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()

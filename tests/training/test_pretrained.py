@@ -27,9 +27,8 @@ from flax_gpt2v.training import pretrained
 from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.hf.keymap import flatten_params, torch_to_flax_params
-from helpers import FP32_TOL, serving, write_small_tokenizer
-from test_convert import openai_config, reference_gpt2, save_layout
-from test_train import ROOT, TINY, corpus, read_metrics, tiny_config
+from helpers import (FP32_TOL, ROOT, TESTS, TINY, corpus, openai_config, read_metrics, reference_gpt2, save_layout,
+                     serving, tiny_config, write_small_tokenizer)
 
 # Chosen once: the trainer's fp32 chunked loss against transformers' loss on the same rows.
 LOSS_RTOL = 1e-5
@@ -402,7 +401,7 @@ def test_mask_token_rows_as_transformers_resizes(tmp_path):
 KILLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
-import test_train as t
+import helpers as t
 from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.data import pipeline as data
 indices = data.BatchSchedule.indices
@@ -423,7 +422,7 @@ def test_resume_continues_the_run_not_the_checkpoint(tmp_path):
     hf_gpt2(ckpt)
     extra = dict(max_steps=6, save_steps=2, eval_steps=2, logging_steps=1)
     tr.train(cfg_from(ckpt, ref, **extra), prepared=corpus(), log=lambda m: None)
-    script = KILLED_RUN.format(tests=os.path.dirname(__file__), kill_at=5, cfg=cfg_from(ckpt, out, **extra))
+    script = KILLED_RUN.format(tests=TESTS, kill_at=5, cfg=cfg_from(ckpt, out, **extra))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert max(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()) == 4

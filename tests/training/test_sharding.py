@@ -21,8 +21,7 @@ from flax_gpt2v.training import sharding
 from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import ConfigError
 
-sys.path.insert(0, os.path.dirname(__file__))
-import test_train as tt  # noqa: E402  (the corpus and the tiny configs)
+import helpers as tt  # (the corpus and the tiny configs)
 
 ROOT = tt.ROOT
 
@@ -90,7 +89,7 @@ LAYOUTS_SCRIPT = """
 import sys, json
 sys.path.insert(0, "tests")
 import jax, jax.numpy as jnp, numpy as np
-import test_train as tt
+import helpers as tt
 import flax_gpt2v as fg
 from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.training import sharding, trainer as tr
@@ -98,7 +97,7 @@ from flax_gpt2v.training.schedule import lr_schedule
 assert len(jax.devices()) == 8
 report = {}
 for model_type in ("gpt2", "parallel-gpt2", "duo-predict-gpt2"):
-    cfg = fg.load_config({**tt.TINY, **tt.VARIANTS[model_type], "model_type": model_type, "vocab_size": 256,
+    cfg = fg.load_config({**tt.TINY, **tt.TRAIN_VARIANTS[model_type], "model_type": model_type, "vocab_size": 256,
                           "resid_pdrop": 0.1, "attn_pdrop": 0.1})
     module = fg.build_model(cfg)
     blocks = tt.corpus().train
@@ -142,7 +141,7 @@ def test_checkpoint_from_8_devices_resumes_on_1(tmp_path):
     extra = dict(max_steps=12, save_steps=4, eval_steps=4, logging_steps=1, mesh={"fsdp": 8},
                  per_device_train_batch_size=2)
     out, ref = tmp_path / "moved", tmp_path / "ref"
-    script = tt.KILLED_RUN.format(tests=os.path.dirname(__file__), kill_at=10, model_type="gpt2", out=str(out),
+    script = tt.KILLED_RUN.format(tests=tt.TESTS, kill_at=10, model_type="gpt2", out=str(out),
                                   extra=extra)
     r = run_on_devices(8, script)
     assert r.returncode == -9, r.stderr[-3000:]

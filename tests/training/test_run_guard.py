@@ -21,16 +21,13 @@ from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.hf.checkpoint import CheckpointError
 from flax_gpt2v.config import ConfigError
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-sys.path.insert(0, TESTS)
-from test_train import corpus, read_metrics, tiny_config  # noqa: E402
+from helpers import ROOT, TESTS, corpus, read_metrics, tiny_config
 
 # train_jax.py's own main() in a fresh process, on the test corpus (the CLI reads data from the config).
 CLI_RUN = """
 import sys
 sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
-import test_train as t
+import helpers as t
 import train_jax
 from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.training import trainer as tr

@@ -27,9 +27,8 @@ from flax_gpt2v.evaluation.benchmark import main as benchmark_main
 from flax_gpt2v.hf.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native
 from flax_gpt2v.cli import run_cli
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
-from helpers import perturbed_lm
+from helpers import ROOT, perturbed_lm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No progress bars (they go to stderr) and never the network.
 QUIET = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}

@@ -10,30 +10,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
+import helpers
 from flax_gpt2v.hf.twins import TWINS, CoreGPT2LMHeadModel, auto_map, bundle_source
+from helpers import BF16_SCALE_TOL, FP32_TOL, TWIN_SMALL as SMALL, TWIN_VARIANTS as VARIANTS, random_model
 
-FIXTURES = Path(__file__).parent / "fixtures" / "original"
+FIXTURES = Path(helpers.FIXTURES)
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
-# Chosen once. fp32: reference comparisons. bf16 (8 significant bits, ~0.4% per rounding) compounds to a
-# few percent over a whole forward pass, also in transformers' own GPT2LMHeadModel, so bf16 logits are
-# compared with fp32 relative to the logits' scale: max |bf16 - fp32| <= 5% of max |fp32|.
-FP32_TOL = dict(atol=1e-4, rtol=1e-4)
-BF16_SCALE_TOL = 0.05
-
-# Small random configs covering each variant's switches.
-SMALL = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=None)
-VARIANTS = {
-    "dd-both": ("dd-gpt2", dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True)),
-    "dd-drift-nobaseline": ("dd-gpt2", dict(apply_drift=True, apply_diffusion=False, baseline_each_head=False)),
-    "dd-off": ("dd-gpt2", dict(apply_drift=False, apply_diffusion=False)),  # GPT-2 itself
-    "parallel-concat": ("parallel-gpt2", dict(n_layer=4, bottleneck_method="concat")),
-    "parallel-mean": ("parallel-gpt2", dict(n_layer=4, bottleneck_method="mean")),
-    "duo-predict": ("duo-predict-gpt2", {}),
-    "rotating-lr-norm": ("rotating-head-gpt2", dict(rotatinghead="lr", use_norm=True)),
-    "rotating-gp": ("rotating-head-gpt2", dict(rotatinghead="gp")),
-}
-
-
 def fixture_model(case):
     """The twin for a fixture case, its weights loaded strictly (only the tied lm_head may be missing)."""
     config = json.loads((FIXTURES / case / "config.json").read_text())
@@ -50,19 +32,6 @@ def fixture_model(case):
     assert result.missing_keys == ["lm_head.weight"]
     assert result.unexpected_keys == []
     assert model.lm_head.weight is model.transformer.wte.weight
-    return model.eval()
-
-
-def random_model(variant, seed=1):
-    model_type, extra = VARIANTS[variant]
-    config_class, model_class, _ = TWINS[model_type]
-    torch.manual_seed(seed)
-    model = model_class(config_class(**{**SMALL, **extra}))
-    # GPT-2 init makes a tiny random model emit one token forever; larger weights make the
-    # generated sequences varied enough for cache/no-cache comparisons to mean something.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.3 * torch.randn_like(param))
     return model.eval()
 
 

@@ -6,6 +6,7 @@ compared with transformers' own GPT2Model / GPT2LMHeadModel holding the same wei
 (rotating head, parallel, dd with drift) are checked for consistency between the paths."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from flax_gpt2v.hf.checkpoint import load_hf_dir, save_hf_dir
 from flax_gpt2v.hf.twins import TWINS, auto_map, bundle_source
 from flax_gpt2v.hf.twins.core import CACHE_FIELD
-from test_torch_twins import FIXTURES, FP32_TOL, SMALL, VARIANTS, random_model
+import helpers
+from helpers import FP32_TOL, TWIN_OFF_DEFAULT, TWIN_SMALL as SMALL, TWIN_VARIANTS as VARIANTS, random_model
+
+FIXTURES = Path(helpers.FIXTURES)
 
 # GPT-2 with other class names: dd with drift and diffusion off, and duo-predict on inputs no longer than
 # n_positions (the plain layout; every input below is).
@@ -30,12 +34,13 @@ def ids(shape, seed=0, low=1):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    """variant -> a directory written as the converter writes an export: weights, auto_map, bundled code."""
+    """variant -> a directory written as the converter writes an export: weights, auto_map, bundled code;
+    layer_norm_epsilon, n_inner and initializer_range off their defaults (compared with GPT-2 below)."""
     made = {}
 
     def make(variant):
         if variant not in made:
-            model = random_model(variant)
+            model = random_model(variant, **TWIN_OFF_DEFAULT)
             model.config.auto_map = auto_map(model.config.model_type)
             directory = tmp_path_factory.mktemp(variant)
             model.save_pretrained(directory)
@@ -410,3 +415,22 @@ def test_fresh_base_and_lm_models_initialise_as_the_original(model_type, extra):
         if model_type == "rotating-head-gpt2":
             assert torch.equal(state["h.1.attn.rope.layer_norm.weight"], torch.ones(32))
             assert torch.equal(state["h.1.attn.rope.layer_norm.bias"], torch.zeros(32))
+
+
+@pytest.mark.parametrize("variant", REDUCIBLE)
+def test_fresh_init_follows_initializer_range_as_gpt2(variant):
+    """A fresh twin initialises as transformers' GPT-2 with the same config, initializer_range off its default:
+    every weight's standard deviation within 20% of GPT-2's (a twin that ignored it would be 2.5x off)."""
+    model_type, extra = VARIANTS[variant]
+    config_class, model_class, _ = TWINS[model_type]
+    fields = {**SMALL, **extra, **TWIN_OFF_DEFAULT, "n_embd": 512, "n_head": 8, "n_inner": 1024}
+    torch.manual_seed(0)
+    twin = model_class(config_class(**fields)).state_dict()
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in fields.items() if k in GPT2Config().to_dict()}))
+    reference = reference.state_dict()
+    weights = [k for k, v in reference.items() if k.endswith("weight") and v.dim() == 2]
+    assert "transformer.h.1.attn.c_proj.weight" in weights and "transformer.h.1.mlp.c_fc.weight" in weights
+    for key in weights:
+        assert 0.8 * reference[key].std().item() < twin[key].std().item() < 1.2 * reference[key].std().item(), key
+

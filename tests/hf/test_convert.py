@@ -14,30 +14,10 @@ from flax_gpt2v.hf.checkpoint import CheckpointError, is_hf, is_native, load_hf_
 from flax_gpt2v.models import load_config
 from flax_gpt2v.hf.keymap import ConversionError, flatten_params, flax_to_torch_state, key_table, torch_to_flax_params, unflatten_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "original")
+from helpers import (FIXTURES, KEY_TINY as TINY, KEY_VARIANTS as VARIANTS, ROOT, openai_config,  # noqa: F401
+                     reference_gpt2, save_layout)
+
 ORIGINAL_CASES = sorted(os.listdir(FIXTURES))
-TINY = dict(n_layer=2, n_embd=16, n_head=4, n_positions=8, vocab_size=32)
-# Every model type and every option that changes the parameter set.
-VARIANTS = {
-    "gpt2": dict(model_type="gpt2"),
-    "dd-drift": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=False, baseline_each_head=True),
-    "dd-drift-nobaseline": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=False,
-                                baseline_each_head=False),
-    "dd-diffusion": dict(model_type="dd-gpt2", apply_drift=False, apply_diffusion=True),
-    "dd-both": dict(model_type="dd-gpt2", apply_drift=True, apply_diffusion=True),
-    "dd-none": dict(model_type="dd-gpt2", apply_drift=False, apply_diffusion=False),
-    "parallel-mean": dict(model_type="parallel-gpt2", bottleneck_method="mean"),
-    "parallel-add": dict(model_type="parallel-gpt2", bottleneck_method="add"),
-    "parallel-concat": dict(model_type="parallel-gpt2", bottleneck_method="concat", n_layer=4),
-    "duo": dict(model_type="duo-predict-gpt2"),
-    "rh-lr": dict(model_type="rotating-head-gpt2", rotatinghead="lr"),
-    "rh-lr-norm": dict(model_type="rotating-head-gpt2", rotatinghead="lr", use_norm=True),
-    "rh-gp": dict(model_type="rotating-head-gpt2", rotatinghead="gp"),
-    "rh-gp-norm": dict(model_type="rotating-head-gpt2", rotatinghead="gp", use_norm=True),
-}
-
-
 def tiny_config(variant, **overrides):
     return load_config({**TINY, **VARIANTS[variant], **overrides})
 
@@ -378,92 +358,6 @@ def test_cli_bad_source(tmp_path, capsys):
 
 
 # ---- GPT-2 and the variants as published (issue 10): layouts, buffers, old configs ----
-
-def reference_gpt2(seed, **overrides):
-    """transformers' own GPT2LMHeadModel, tiny, every weight perturbed so that no key can go unnoticed."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    fields = dict(vocab_size=61, n_positions=32, n_embd=24, n_layer=2, n_head=3, n_inner=40,
-                  layer_norm_epsilon=1e-3, initializer_range=0.05, bos_token_id=1, eos_token_id=None,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**{**fields, **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-def openai_config(config):
-    """config.json as the OpenAI gpt2 repos have it: old keys, no transformers 5 additions."""
-    keys = ("activation_function", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
-            "initializer_range", "layer_norm_epsilon", "n_embd", "n_head", "n_inner", "n_layer",
-            "n_positions", "resid_pdrop", "vocab_size")
-    return {**{k: getattr(config, k) for k in keys}, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "n_ctx": config.n_positions, "n_special": 0, "predict_special_tokens": True,
-            "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-            "summary_type": "cls_index", "summary_use_proj": True, "output_past": True,
-            "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-            # generic PretrainedConfig keys that older transformers wrote
-            "torchscript": False, "use_bfloat16": False, "chunk_size_feed_forward": 0, "pruned_heads": {},
-            "tie_word_embeddings": True, "output_hidden_states": False, "is_decoder": False}
-
-
-def causal_buffers(n_layer, n_positions, dtype="float32"):
-    import torch
-
-    mask = torch.ones(n_positions, n_positions).tril().view(1, 1, n_positions, n_positions)
-    out = {}
-    for i in range(n_layer):
-        out[f"h.{i}.attn.bias"] = mask.to(getattr(torch, dtype)).clone()
-        out[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    return out
-
-
-def write_shards(directory, state, kind, n=3):
-    """A sharded checkpoint with its index, as save_pretrained(max_shard_size=...) writes it."""
-    import safetensors.torch
-    import torch
-
-    keys = sorted(state)
-    ext, index = ("safetensors", "model.safetensors.index.json") if kind == "safetensors" else \
-        ("bin", "pytorch_model.bin.index.json")
-    stem = "model" if kind == "safetensors" else "pytorch_model"
-    weight_map = {}
-    for s in range(n):
-        name = f"{stem}-{s + 1:05d}-of-{n:05d}.{ext}"
-        part = {k: state[k].contiguous() for k in keys[s::n]}
-        if kind == "safetensors":
-            safetensors.torch.save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
-        else:
-            torch.save(part, os.path.join(directory, name))
-        weight_map.update({k: name for k in part})
-    with open(os.path.join(directory, index), "w") as f:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
-
-
-def save_layout(directory, state, config: dict, layout):
-    """`state`: GPT2LMHeadModel key names (torch tensors). Writes one published layout."""
-    import safetensors.torch
-    import torch
-
-    os.makedirs(directory, exist_ok=True)
-    if layout in ("openai-bin", "openai-safetensors"):
-        # GPT2Model naming, with the attention buffers old transformers saved.
-        n_positions = config.get("n_positions", 1024)
-        state = {k[len("transformer."):]: v for k, v in state.items() if k != "lm_head.weight"}
-        state.update(causal_buffers(config["n_layer"], n_positions))
-    state = {k: v.clone().contiguous() for k, v in state.items()}  # no shared storage
-    if layout in ("safetensors", "openai-safetensors"):
-        safetensors.torch.save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    elif layout in ("bin", "openai-bin"):
-        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
-    else:
-        write_shards(directory, state, layout.split("-")[1])
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config, f)
-
 
 LAYOUTS = ("safetensors", "bin", "sharded-safetensors", "sharded-bin", "openai-bin", "openai-safetensors")
 # Random tiny configs, one per layout, each off the defaults in its own way.

@@ -10,7 +10,7 @@ import pytest
 from flax_gpt2v.training import reporting, trainer as tr
 from flax_gpt2v.config import ConfigError
 
-import test_train as t
+import helpers as t
 
 
 @pytest.mark.parametrize("value, names", [

@@ -15,10 +15,9 @@ import pytest
 from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.config import ConfigError
 
-import test_train as t
-from helpers import serving
+import helpers as t
+from helpers import ROOT, TESTS, serving
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "hf_fake_token_for_tests"
 USER = "tester"  # the namespace the stand-in gives a repo id without one, as the Hub does for the token's user
 MAX_REQUESTS = 200  # the stand-in stops answering after this many, so a runaway client cannot loop forever
@@ -101,7 +100,7 @@ def read_dir(d):
 RUN = """
 import sys
 sys.path.insert(0, {tests!r})
-import test_train as t
+import helpers as t
 from flax_gpt2v.training import trainer as tr
 tr.train(t.tiny_config({model_type!r}, {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
 """
@@ -116,7 +115,7 @@ def test_push_to_hub_uploads_each_save_and_the_final_export(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
     with FakeHub().running() as hub:
-        r = subprocess.run([sys.executable, "-c", RUN.format(tests=os.path.dirname(__file__), out=str(out),
+        r = subprocess.run([sys.executable, "-c", RUN.format(tests=TESTS, out=str(out),
                                                              model_type="rotating-head-gpt2", extra=extra)],
                            capture_output=True, text=True, cwd=ROOT,
                            env={**env, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home")})

@@ -1,0 +1,66 @@
+"""The suite's one conftest: paths, markers, the variants table and shared session fixtures.
+
+Layout: tests/<subpackage>/ mirrors flax_gpt2v/<subpackage>/ (models, hf, data, training, evaluation, cli).
+Test modules never import each other; what several share is in tests/helpers.py, which the scripts that
+tests run in subprocesses import too (with tests/ on sys.path).
+
+The variants table: helpers.VARIANTS (every JAX variant and option, small configs), with the tables
+for the key table (KEY_VARIANTS), the torch twins (TWIN_VARIANTS) and tiny training runs
+(TRAIN_VARIANTS); conftest puts tests/ on sys.path, so every test
+folder imports them as `from helpers import ...`.
+
+Markers (registered in pyproject.toml too):
+  slow        runs training in subprocesses (a minute or more on a loaded CPU); deselect with -m 'not slow'
+  whole_machine  starts several processes that each want every core (multi-host pairs, 8 simulated
+              devices); under pytest-xdist these share one worker (xdist_group "whole_machine") so that
+              two of them never run at once.
+
+Run with `python -m pytest -n auto` (pytest-xdist, `--dist loadgroup` from pyproject's addopts)."""
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+# One persistent JAX compilation cache for the session, shared by the xdist workers and by every
+# subprocess the tests start (they inherit the environment): the tiny models and train steps that
+# many tests compile alike are compiled once. Set here, before anything imports jax; the controller
+# (or the only process, without -n) makes the directory and removes it at the end. A cache that the
+# caller set (JAX_COMPILATION_CACHE_DIR) is used as it is and kept.
+_OWN_CACHE = "FLAX_GPT2V_TEST_JAX_CACHE" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flax-gpt2v-jax-cache-")
+    os.environ["FLAX_GPT2V_TEST_JAX_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import helpers  # noqa: E402
+from helpers import VARIANTS  # noqa: E402,F401  (the variants table)
+
+MARKERS = {
+    "slow": "runs training in subprocesses (a minute or more on a loaded CPU); deselect with -m 'not slow'",
+    "whole_machine": "starts several processes that each want the whole machine; under xdist they share one "
+                     "worker (xdist_group 'whole_machine')",
+}
+
+
+def pytest_configure(config):
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["FLAX_GPT2V_TEST_JAX_CACHE"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that need the whole machine run one after another on one worker (with --dist loadgroup).
+    for item in items:
+        if item.get_closest_marker("whole_machine") and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("whole_machine"))

@@ -56,7 +56,8 @@ SIZES = {
     "small": dict(n_layer=6, n_embd=384, n_head=6),
     "gpt2-medium": dict(PRESETS["gpt2-medium"]),
 }
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A config name is looked up in ./configs, then in the checkout's configs/ (absent from an installed package).
+CONFIG_DIRS = (Path("configs"), Path(__file__).resolve().parents[2] / "configs")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.01, 1.0
 PROFILE_TOP = 10  # ops listed per side with --profile
 
@@ -92,10 +93,10 @@ class Workload:
 
 def resolve_config(name: str) -> Path:
     """A config path, or the name of a file in configs/ (`dd-both` or `dd-both.json`)."""
-    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.json"):
+    for candidate in (Path(name), *(d / f for d in CONFIG_DIRS for f in (name, f"{name}.json"))):
         if candidate.is_file():
             return candidate
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json"))) if CONFIG_DIR.is_dir() else "none"
+    known = ", ".join(sorted({p.stem for d in CONFIG_DIRS for p in d.glob("*.json")})) or "none"
     raise ConfigError(f"config {name!r} not found (a path, or one of: {known})")
 
 

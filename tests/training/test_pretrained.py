@@ -335,7 +335,7 @@ def test_hub_id_downloads_what_training_needs(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("HF_HUB_CACHE", None)
-    script = ("from flax_gpt2v import train as tr; import json, sys; "
+    script = ("from flax_gpt2v.training import trainer as tr; import json, sys; "
               "_, cfg, _, t = tr.load_run_config({'model_name_or_path': sys.argv[1]}); "
               "print(json.dumps([cfg['n_layer'], cfg['n_inner'], t['tokenizer_name']]))")
     with DownloadHub("openai-community/gpt2", src).running() as hub:

@@ -17,6 +17,7 @@ import socket
 import urllib.parse
 
 from flax_gpt2v.config import MASK_TOKEN
+from flax_gpt2v.errors import first_line
 
 EOS_TOKEN = "<|endoftext|>"
 # Every name under which GPT-2's tokenizer is published: all load the same 50257 tokens.
@@ -131,13 +132,13 @@ def _load_pretrained(name: str):
         hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as local_error:
         if os.path.isdir(name):
-            return None, f"{type(local_error).__name__}: {(str(local_error).strip().splitlines() or [''])[0]}"
+            return None, first_line(local_error, with_type=True)
         if not hub_reachable():
             return None, "not in the local Hugging Face cache and the Hub cannot be reached"
         try:
             hf = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
-            return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            return None, first_line(e, with_type=True)
     if not hf.is_fast:
         return None, "only fast (tokenizers-backed) tokenizers are supported"
     if MASK_TOKEN not in hf.get_vocab():

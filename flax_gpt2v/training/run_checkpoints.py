@@ -21,6 +21,7 @@ import sys
 from typing import Callable
 
 from flax_gpt2v.hf.checkpoint import CheckpointError
+from flax_gpt2v.errors import first_line
 
 MANIFEST = "sha256.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -74,11 +75,6 @@ def verify(step_dir: str) -> str | None:
         if got[rel][1] != digest:
             return f"{os.path.join(step_dir, rel)} does not match its checksum"
     return None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].rstrip(":") if text else type(e).__name__
 
 
 def disk_errno(e: BaseException) -> int | None:

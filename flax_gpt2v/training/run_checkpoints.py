@@ -2,10 +2,10 @@
 
 - Integrity: once Orbax has committed a step, process 0 writes `sha256.json` into it: the size and
   SHA-256 of every file of the step. Restoring checks it, so flipped, truncated or missing bytes are
-  found before they are trained on. A step without the file (written before checksums existed, or
-  a process killed between Orbax's commit and the checksum) is restored as it is.
-- Fallback: a damaged or unreadable latest step is reported in one line and removed, and the run
-  resumes from the newest intact one; only when none is intact is the run refused.
+  found before they are trained on. A step without the file was never vouched for (its process was
+  killed between Orbax's commit and the checksum, or it predates checksums) and is not trusted.
+- Fallback: a damaged, unreadable or unverified latest step is reported in one line and removed, and
+  the run resumes from the newest intact one; only when none is intact is the run refused.
 - Failures while saving (a full disk, above all) stop the run with one line; Orbax removes old
   steps only after a new one is committed, so the previous checkpoint stays intact.
 """
@@ -55,10 +55,10 @@ def write_manifest(step_dir: str) -> None:
 
 
 def verify(step_dir: str) -> str | None:
-    """None when the step matches its manifest (or has none), else what is wrong, naming the file."""
+    """None when the step matches its manifest, else what is wrong, naming the file."""
     path = os.path.join(step_dir, MANIFEST)
     if not os.path.exists(path):
-        return None
+        return f"{path} was never written (the run stopped before checksumming the step)"
     try:
         with open(path) as f:
             want = json.load(f)["files"]
@@ -161,6 +161,7 @@ class RunCheckpoints:
         steps = sorted(self.manager.all_steps(), reverse=True)
         damaged, first_problem = [], None
         for step in steps:
+            verified = os.path.exists(os.path.join(self.step_dir(step), MANIFEST))
             problem = verify(self.step_dir(step))
             if problem is None:
                 try:
@@ -176,11 +177,12 @@ class RunCheckpoints:
             damaged.append(step)
             first_problem = first_problem or problem
             if step != steps[-1]:
-                self.log(f"checkpoint step {step} is damaged: {problem}; falling back to the previous one")
+                state = "is damaged" if verified else "is not trusted"
+                self.log(f"checkpoint step {step} {state}: {problem}; falling back to the previous one")
         if steps:
             raise CheckpointError(f"cannot resume from {self.directory}: no checkpoint is intact (written by "
-                                  f"another flax-gpt2v version, or damaged); step {steps[0]}: {first_problem}; "
-                                  "use a new output_dir")
+                                  f"another flax-gpt2v version, damaged, or never verified); step {steps[0]}: "
+                                  f"{first_problem}; use a new output_dir")
         return None
 
     def _remove(self, steps: list[int]) -> None:
@@ -188,7 +190,7 @@ class RunCheckpoints:
         for step in steps:
             with quiet_orbax():
                 self.manager.delete(step)
-            self.log(f"removed damaged checkpoint step {step}")
+            self.log(f"removed checkpoint step {step}")
 
     def save(self, step: int, state, meta: dict) -> None:
         """Start an asynchronous save. A failure is not raised here: poll() returns it at the next

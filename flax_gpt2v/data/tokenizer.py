@@ -51,7 +51,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids))
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, *, model_max_length: int) -> None:
+        """The tokenizer's files, saying `model_max_length`: the positions of the model they are saved
+        with (512 for duo-predict), not those of the model the tokenizer was published with."""
+        self.hf.model_max_length = model_max_length
         self.hf.save_pretrained(directory)
         # Newer transformers fold this file into tokenizer_config.json; older
         # loaders (and people) still look for it.

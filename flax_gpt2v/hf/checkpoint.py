@@ -31,7 +31,8 @@ NATIVE_FORMAT = 2
 NATIVE_WEIGHTS = "flax_params.safetensors"
 HF_WEIGHTS = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 EXPORT_DTYPES = ("float32", "bfloat16")
 # Weights of other frameworks' checkpoints (ours and every HF layout we read aside), for check_destination.
@@ -77,7 +78,7 @@ def save_native(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
     def write(tmp: str) -> None:
         _write_json(os.path.join(tmp, CONFIG_FILE), {**cfg, "flax_gpt2v_format": NATIVE_FORMAT})
         safetensors.numpy.save_file(arrays, os.path.join(tmp, NATIVE_WEIGHTS))
-        _copy_tokenizer(tokenizer_dir, tmp)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg["n_positions"])
 
     return _write_dir_atomically(path, overwrite, write, _owned_files("native"))
 
@@ -152,7 +153,7 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
             with open(os.path.join(tmp, modeling[0]), "w") as f:
                 f.write(modeling[1])
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), generation_config)
-        _copy_tokenizer(tokenizer_dir, tmp)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg["n_positions"])
 
     return {"dtype": dtype, "files": _write_dir_atomically(path, force, write, _owned_files("hf"))}
 
@@ -252,14 +253,20 @@ def _write_json(file: str, data: Mapping[str, Any]) -> None:
         f.write("\n")
 
 
-def _copy_tokenizer(src: str | os.PathLike | None, dst: str) -> None:
+def _copy_tokenizer(src: str | os.PathLike | None, dst: str, n_positions: int) -> None:
     if src is None:
         return
     names = _tokenizer_files(src)
     if not names:
         raise CheckpointError(f"no tokenizer files in {src} (looked for {', '.join(TOKENIZER_FILES)})")
     for name in names:
-        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+        if name == TOKENIZER_CONFIG_FILE:
+            # A checkpoint's tokenizer is its model's: it allows the model's positions (512 for
+            # duo-predict), whatever the directory it comes from said.
+            _write_json(os.path.join(dst, name), {**read_json(os.path.join(src, name)),
+                                                  "model_max_length": n_positions})
+        else:
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callable[[str], None],

@@ -689,7 +689,7 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
     run_config = {"model": model_cfg, "train": dataclasses.asdict(opts),
                   "data": {k: v for k, v in train_keys.items() if k in DATA_KEYS}}
     if is_main:
-        prepared.tokenizer.save(opts.output_dir)
+        prepared.tokenizer.save(opts.output_dir, model_max_length=model_cfg["n_positions"])
 
     tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None
     num_blocks = len(prepared.train)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -260,6 +261,24 @@ def test_a_step_killed_before_its_checksum_is_not_trusted(tmp_path):
     tr.train(tiny_config("gpt2", ref, **opts), prepared=corpus(), log=lambda m: None)
     assert read_metrics(out) == read_metrics(ref)
     assert_same_params(out, ref)
+
+
+def test_checksums_are_written_beside_the_loop_and_waited_for(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    threads = {}
+    write_manifest = run_checkpoints.write_manifest
+
+    def slow_write_manifest(step_dir):
+        threads[os.path.basename(step_dir)] = threading.current_thread()
+        time.sleep(1)  # a large checkpoint: the run's end must still wait for its checksum
+        write_manifest(step_dir)
+    monkeypatch.setattr(run_checkpoints, "write_manifest", slow_write_manifest)
+    tr.train(tiny_config("gpt2", out, max_steps=4, save_steps=2, eval_steps=100, warmup_steps=1), prepared=corpus(),
+             log=lambda m: None)
+    assert sorted(threads) == ["2", "4"]
+    assert all(t is not threading.main_thread() for t in threads.values())
+    for step in ("2", "4"):
+        assert run_checkpoints.verify(str(out / "checkpoints" / step)) is None
 
 
 def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):

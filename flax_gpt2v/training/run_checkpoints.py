@@ -1,7 +1,8 @@
 """The training run's Orbax checkpoints (`<output_dir>/checkpoints/<step>`), verified and fail-safe.
 
-- Integrity: once Orbax has committed a step, process 0 writes `sha256.json` into it: the size and
-  SHA-256 of every file of the step. Restoring checks it, so flipped, truncated or missing bytes are
+- Integrity: once Orbax has committed a step, a thread beside the training loop (reading the step
+  costs about a second per GB) writes `sha256.json` into it on process 0: the size and SHA-256 of
+  every file of the step; the run's end and a stop wait for it. Restoring checks it, so flipped, truncated or missing bytes are
   found before they are trained on. A step without the file was never vouched for (its process was
   killed between Orbax's commit and the checksum, or it predates checksums) and is not trusted.
 - Fallback: a damaged, unreadable or unverified latest step is reported in one line and removed, and
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import Callable
 
 from flax_gpt2v.hf.checkpoint import CheckpointError
@@ -149,7 +151,8 @@ class RunCheckpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                                  enable_async_checkpointing=True))
-        self.pending: int | None = None   # saved, not yet checksummed
+        self.pending: int | None = None   # saved, its commit and checksum awaited by self.checksum
+        self.checksum: threading.Thread | None = None
         self.last_saved: int | None = None
         self.failure: CheckpointError | None = None
 
@@ -193,10 +196,10 @@ class RunCheckpoints:
             self.log(f"removed checkpoint step {step}")
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start an asynchronous save. A failure is not raised here: poll() returns it at the next
-        step, so that the training loop ends in its usual way; finish() raises it."""
-        if self.pending is not None:  # Orbax would wait for it too; it gets its checksum first
-            self._wait()
+        """Start an asynchronous save, committed and checksummed in the background. A failure is not
+        raised here: poll() returns it at a later step, so that the training loop ends in its usual
+        way; finish() raises it."""
+        self._wait()  # Orbax would wait for the previous save too; it gets its checksum first
         if self.failure is not None:
             return
         try:
@@ -207,31 +210,29 @@ class RunCheckpoints:
             self._failed(step, e)
             return
         self.pending = step
+        self.checksum = threading.Thread(target=self._vouch, args=(step,), daemon=True,
+                                         name=f"checksum of checkpoint step {step}")
+        self.checksum.start()
 
-    def poll(self) -> CheckpointError | None:
-        """Per training step: note a failed background save; checksum a finished one. Cheap."""
-        if self.pending is None or self.failure is not None:
-            return self.failure
-        if self.manager.is_saving_in_progress():
-            return None
-        step, self.pending = self.pending, None
+    def _vouch(self, step: int) -> None:
+        """In the background: wait for Orbax to commit `step`, then write its manifest (process 0).
+        Until the manifest is written the step is not trusted (see restore), so a kill meanwhile is safe."""
         try:
             with quiet_orbax():
+                self.manager.wait_until_finished()
                 self.manager.check_for_errors()
+            if not os.path.isdir(self.step_dir(step)):
+                raise RuntimeError("Orbax did not commit it")
+            if self.is_main:
+                write_manifest(self.step_dir(step))
         except Exception as e:
             self._failed(step, e)
-            return self.failure
-        if step not in self.manager.all_steps() and not os.path.isdir(self.step_dir(step)):
-            self._failed(step, RuntimeError("Orbax did not commit it"))
-            return self.failure
-        if self.is_main:
-            try:
-                write_manifest(self.step_dir(step))
-            except OSError as e:
-                self._failed(step, e)
-                return self.failure
-        self.last_saved = step
-        return None
+        else:
+            self.last_saved = step
+
+    def poll(self) -> CheckpointError | None:
+        """Per training step: the failure of a background save, if any. Cheap: waits for nothing."""
+        return self.failure
 
     def _failed(self, step: int, e: BaseException) -> None:
         silence_failed_saves()
@@ -246,20 +247,18 @@ class RunCheckpoints:
         self.failure = CheckpointError(f"{what}; {kept}; {then}")
 
     def _wait(self) -> None:
-        try:
-            with quiet_orbax():
-                self.manager.wait_until_finished()
-        except Exception as e:
-            if self.pending is not None:
-                self._failed(self.pending, e)
-        self.poll()
+        """Until the pending save is committed and checksummed (or has failed)."""
+        if self.pending is not None:
+            self.checksum.join()
+            self.pending = self.checksum = None
 
     def finish(self) -> None:
-        """Wait for the last save, checksum it; raises the failure of any save."""
+        """Wait for the last save and its checksum; raises the failure of any save."""
         self._wait()
         if self.failure is not None:
             raise self.failure
 
     def close(self) -> None:
+        self._wait()  # a run that ends by an exception leaves no checksum half-written behind it
         with quiet_orbax(), contextlib.suppress(Exception):
             self.manager.close()

@@ -3,6 +3,7 @@ a second process on the same output_dir, a full filesystem (issue 12)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -279,6 +280,24 @@ def test_checksums_are_written_beside_the_loop_and_waited_for(tmp_path, monkeypa
     assert all(t is not threading.main_thread() for t in threads.values())
     for step in ("2", "4"):
         assert run_checkpoints.verify(str(out / "checkpoints" / step)) is None
+
+
+def test_orbax_is_hushed_only_while_checkpoint_io_runs(tmp_path, monkeypatch):
+    absl = logging.getLogger("absl")
+    level = absl.level
+    during, outside = [], []
+    write_manifest = run_checkpoints.write_manifest
+
+    def noting_write_manifest(step_dir):
+        during.append(absl.isEnabledFor(logging.WARNING))
+        write_manifest(step_dir)
+    monkeypatch.setattr(run_checkpoints, "write_manifest", noting_write_manifest)
+    # The line naming the model comes after the checkpoints are opened and restored, before the loop.
+    log = lambda line: outside.append(absl.isEnabledFor(logging.WARNING)) if " parameters, mesh " in line else None
+    tr.train(tiny_config("gpt2", tmp_path / "run", max_steps=2, save_steps=2, warmup_steps=1), prepared=corpus(),
+             log=log)
+    assert during == [False] and outside == [True]
+    assert absl.level == level
 
 
 def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):

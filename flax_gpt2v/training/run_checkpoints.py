@@ -106,24 +106,51 @@ def _quiet_hooks(excepthook, unraisablehook):
             lambda u: None if _loop_closed(u.exc_value) else unraisablehook(u))
 
 
+class _Hush:
+    """Orbax logs every failed read or write with a traceback, from its background threads too; the
+    run reports them in one line of its own instead. Hushed only while checkpoint I/O is under way,
+    so the rest of the process logs as it would: held around each checkpoint operation, and for a
+    save until its background commit and checksum end. Counted, because those holds overlap and
+    a save's ends in another thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.levels: list[tuple[logging.Logger, int]] = []
+        self.hooks = None
+
+    def enter(self) -> None:
+        with self.lock:
+            self.holders += 1
+            if self.holders == 1:
+                self.levels = [(lg, lg.level) for lg in map(logging.getLogger, NOISY_LOGGERS)]
+                self.hooks = sys.excepthook, sys.unraisablehook
+                for lg, _ in self.levels:
+                    lg.setLevel(logging.CRITICAL)
+                sys.excepthook, sys.unraisablehook = _quiet_hooks(*self.hooks)
+
+    def exit(self) -> None:
+        with self.lock:
+            self.holders -= 1
+            if self.holders == 0:
+                for lg, level in self.levels:
+                    if lg.level <= logging.CRITICAL:  # not silenced for good meanwhile
+                        lg.setLevel(level)
+                if not _silenced:
+                    sys.excepthook, sys.unraisablehook = self.hooks
+
+
+_hush = _Hush()
+
+
 @contextlib.contextmanager
 def quiet_orbax():
-    """Orbax logs every failed read or write with a traceback, from its background threads too;
-    the run reports them in one line of its own instead. Held while a run trains."""
-    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    hooks = sys.excepthook, sys.unraisablehook
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sys.excepthook, sys.unraisablehook = _quiet_hooks(*hooks)
+    """Orbax hushed for the operation inside (see _Hush)."""
+    _hush.enter()
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            if lg.level <= logging.CRITICAL:  # not silenced for good meanwhile
-                lg.setLevel(level)
-        if not _silenced:
-            sys.excepthook, sys.unraisablehook = hooks
+        _hush.exit()
 
 
 _silenced = False
@@ -148,9 +175,10 @@ class RunCheckpoints:
         self.directory = os.path.abspath(directory)
         self.log = log
         self.is_main = jax.process_index() == 0
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                                 enable_async_checkpointing=True))
+        with quiet_orbax():
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                     enable_async_checkpointing=True))
         self.pending: int | None = None   # saved, its commit and checksum awaited by self.checksum
         self.checksum: threading.Thread | None = None
         self.last_saved: int | None = None
@@ -161,7 +189,8 @@ class RunCheckpoints:
 
     def restore(self, abstract_state) -> tuple[dict, dict] | None:
         """(state, meta) of the newest intact step, or None when there is no step."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        with quiet_orbax():
+            steps = sorted(self.manager.all_steps(), reverse=True)
         damaged, first_problem = [], None
         for step in steps:
             verified = os.path.exists(os.path.join(self.step_dir(step), MANIFEST))
@@ -202,11 +231,12 @@ class RunCheckpoints:
         self._wait()  # Orbax would wait for the previous save too; it gets its checksum first
         if self.failure is not None:
             return
+        _hush.enter()  # until _vouch ends: Orbax's threads write, and may fail, meanwhile
         try:
-            with quiet_orbax():
-                self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                                                     meta=self.ocp.args.JsonSave(dict(meta))))
+            self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
+                                                                 meta=self.ocp.args.JsonSave(dict(meta))))
         except Exception as e:
+            _hush.exit()
             self._failed(step, e)
             return
         self.pending = step
@@ -218,9 +248,8 @@ class RunCheckpoints:
         """In the background: wait for Orbax to commit `step`, then write its manifest (process 0).
         Until the manifest is written the step is not trusted (see restore), so a kill meanwhile is safe."""
         try:
-            with quiet_orbax():
-                self.manager.wait_until_finished()
-                self.manager.check_for_errors()
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
             if not os.path.isdir(self.step_dir(step)):
                 raise RuntimeError("Orbax did not commit it")
             if self.is_main:
@@ -229,6 +258,8 @@ class RunCheckpoints:
             self._failed(step, e)
         else:
             self.last_saved = step
+        finally:
+            _hush.exit()
 
     def poll(self) -> CheckpointError | None:
         """Per training step: the failure of a background save, if any. Cheap: waits for nothing."""

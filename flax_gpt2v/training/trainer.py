@@ -40,7 +40,7 @@ from flax_gpt2v.config import TRAINING_KEYS, ConfigError, block_length, read_jso
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
 from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, build_model
-from flax_gpt2v.training.run_checkpoints import RunCheckpoints, quiet_orbax
+from flax_gpt2v.training.run_checkpoints import RunCheckpoints
 from flax_gpt2v.training.schedule import SCHEDULES, adamw, lr_schedule
 
 # Trainer options and their defaults: the original's recipe (docs/training.md) on HF Trainer defaults.
@@ -637,8 +637,7 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     signals = run_guard.StopSignals()
     signals.install()
     try:
-        with quiet_orbax():
-            return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
+        return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
     finally:
         lock.release()
         signals.restore()

@@ -57,7 +57,6 @@ ONLY_VALUES: dict[str, tuple] = {
 }
 
 DUO = "duo-predict-gpt2"
-DEFAULT_POSITIONS = {DUO: 512}  # config's n_positions defaults; 1024 for the other model types
 
 
 def recognise(raw: dict) -> tuple[str, str] | None:
@@ -78,12 +77,10 @@ def complete(raw: dict) -> tuple[dict, str | None]:
     settings = {k: (v, "as the original's code version ran it") for k, v in EXPERIMENTS[name].items()}
     block = block_length(raw)
     model_type = raw.get("model_type", "gpt2")
-    positions = DEFAULT_POSITIONS.get(model_type, 1024)
-    if block is not None and model_type == DUO and block != positions:
-        settings["n_positions"] = (block, "as the original's duo-predict code set it (= block_size)")
-    elif block is not None and block > positions:
+    # duo-predict's positions follow its blocks in every run (trainer.load_run_config).
+    if block is not None and model_type != DUO and block > 1024:
         settings["n_positions"] = (block, f"so that its {block}-token blocks fit (the original could not run "
-                                          f"them on {positions} positions)")
+                                          "them on 1024 positions)")
     if model_type != "rotating-head-gpt2":
         settings.pop("use_norm", None)
     if model_type != DUO:

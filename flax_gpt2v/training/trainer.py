@@ -324,6 +324,9 @@ def load_run_config(config: Mapping[str, Any] | str | os.PathLike, overrides: Ma
     train = {k: v for k, v in raw.items() if k in TRAINING_KEYS}
     if train.get("model_name_or_path"):
         model_raw, train = pretrained.merge_config(model_raw, train)
+    # duo-predict has as many positions as its blocks have tokens, as the original's duo code set them.
+    if model_raw.get("model_type") == original_experiments.DUO and block_length(train) is not None:
+        model_raw.setdefault("n_positions", block_length(train))
     model_cfg = split_config({**model_raw, **train})[0]
     return model_raw, model_cfg, resolve_options(train, model_cfg), train
 

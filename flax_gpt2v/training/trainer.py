@@ -781,7 +781,7 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
     signals.in_loop = True
     for step in range(start, total):
         # Every process stops at the same step: the stop code is agreed on (max over processes).
-        code = run_guard.agree(signals.received or (255 if ckpts.poll() else 0))
+        code = run_guard.agreed_stop(step, opts.save_steps, signals.received or (255 if ckpts.poll() else 0))
         if meta["stopped"] or code:
             break
         batch = global_batch(data.make_batch(prepared.train, batches.indices(step), model_cfg), batch_sharding)

@@ -277,7 +277,7 @@ def save_layout(directory, state, config: dict, layout):
 class ByteTokenizer:
     vocab_size, mask_token_id, eos_token_id, source = 257, 256, None, "bytes"
 
-    def save(self, directory):
+    def save(self, directory, *, model_max_length):
         with open(os.path.join(directory, "tokenizer.json"), "w") as f:
             json.dump({"type": "bytes", "vocab_size": self.vocab_size}, f)
 

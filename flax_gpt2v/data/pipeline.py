@@ -49,6 +49,7 @@ from flax_gpt2v.config import block_length
 from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
 from flax_gpt2v.data.tfds import load_tfds
 from flax_gpt2v.data.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
+from flax_gpt2v.errors import first_line
 
 DEFAULT_TOKENIZER = "gpt2-medium"
 DEFAULT_BLOCK_SIZE = 1024
@@ -345,7 +346,7 @@ def _load_pretokenized(hub: str, spec: DataSpec) -> dict:
     except _Unavailable:
         raise
     except Exception as e:  # a missing repo, no access, a damaged download: all mean "build it here"
-        raise _Unavailable(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
+        raise _Unavailable(first_line(e, with_type=True)) from None
     for split in ("train", "validation"):
         if split not in ds or "input_ids" not in ds[split].column_names:
             raise _Unavailable(f"it has no {split} split with an input_ids column")
@@ -513,8 +514,7 @@ def _load_hf(spec: DataSpec) -> dict[str, Rows]:
             raise DataError(_offline_message(what, "is not cached and HF_HUB_OFFLINE is set")) from None
         # DatasetGenerationError says only "An error occurred"; its cause says which.
         e = e.__cause__ or e if type(e).__name__.startswith("DatasetGeneration") else e
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"cannot load {what}: {type(e).__name__}: {first_line}") from e
+        raise DataError(f"cannot load {what}: {first_line(e, with_type=True)}") from e
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = {spec.train_split: loaded}
     if spec.train_split not in loaded:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
+from flax_gpt2v.errors import first_line
 
 if TYPE_CHECKING:  # the spec is built by pipeline, which calls this module
     from flax_gpt2v.data.pipeline import DataSpec
@@ -28,7 +29,7 @@ def load_tfds(spec: DataSpec) -> dict:
         builder = tfds.builder(name, **opts)
         builder.download_and_prepare()
     except Exception as e:  # tfds raises many kinds; all mean the same to the user
-        raise DataError(f"cannot load tfds dataset {name!r}: {_first_line(e)}") from e
+        raise DataError(f"cannot load tfds dataset {name!r}: {first_line(e, with_type=True)}") from e
     splits = builder.info.splits
     if spec.train_split not in splits:
         raise DataError(f"tfds dataset {name!r} has no split {spec.train_split!r} (it has {', '.join(splits)})")
@@ -56,8 +57,8 @@ def load_tfds(spec: DataSpec) -> dict:
                 rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
             except ImportError as e:
                 raise DataError(f"tfds dataset {name!r} is stored as {builder.info.file_format.value}, which "
-                                f"needs TensorFlow to read ({_first_line(e)}): pip install tensorflow-cpu, or "
-                                "prepare it with file_format array_record") from None
+                                f"needs TensorFlow to read ({first_line(e, with_type=True)}): pip install "
+                                "tensorflow-cpu, or prepare it with file_format array_record") from None
             batch = []
             for row in rows:
                 batch.append(_text(row[column]))
@@ -74,7 +75,3 @@ def load_tfds(spec: DataSpec) -> dict:
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

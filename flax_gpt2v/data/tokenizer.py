@@ -17,6 +17,7 @@ import socket
 import urllib.parse
 
 from flax_gpt2v.config import MASK_TOKEN
+from flax_gpt2v.errors import first_line
 
 EOS_TOKEN = "<|endoftext|>"
 # Every name under which GPT-2's tokenizer is published: all load the same 50257 tokens.
@@ -50,7 +51,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids))
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, *, model_max_length: int) -> None:
+        """The tokenizer's files, saying `model_max_length`: the positions of the model they are saved
+        with (512 for duo-predict), not those of the model the tokenizer was published with."""
+        self.hf.model_max_length = model_max_length
         self.hf.save_pretrained(directory)
         # Newer transformers fold this file into tokenizer_config.json; older
         # loaders (and people) still look for it.
@@ -131,13 +135,13 @@ def _load_pretrained(name: str):
         hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as local_error:
         if os.path.isdir(name):
-            return None, f"{type(local_error).__name__}: {(str(local_error).strip().splitlines() or [''])[0]}"
+            return None, first_line(local_error, with_type=True)
         if not hub_reachable():
             return None, "not in the local Hugging Face cache and the Hub cannot be reached"
         try:
             hf = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
-            return None, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            return None, first_line(e, with_type=True)
     if not hf.is_fast:
         return None, "only fast (tokenizers-backed) tokenizers are supported"
     if MASK_TOKEN not in hf.get_vocab():

@@ -3,12 +3,14 @@
 Native: `config.json` (the validated config + "flax_gpt2v_format") and
 `flax_params.safetensors` (float32, keys = '/'-joined Flax paths), plus the
 tokenizer files when known. HF: what `transformers` (and the original's classes)
-load as-is. Every write goes to a temporary directory first, so a failed write
-never leaves a half-written checkpoint nor destroys an existing one; replacing
-a checkpoint replaces only the files this module writes (README "Conversion").
+load as-is. Every write goes to a temporary directory beside the destination
+first, which then takes its place whole, so a failed or killed write never
+leaves a half-written checkpoint nor destroys an existing one; replacing a
+checkpoint replaces only the files this module writes (README "Conversion").
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -30,7 +32,8 @@ NATIVE_FORMAT = 2
 NATIVE_WEIGHTS = "flax_params.safetensors"
 HF_WEIGHTS = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 EXPORT_DTYPES = ("float32", "bfloat16")
 # Weights of other frameworks' checkpoints (ours and every HF layout we read aside), for check_destination.
@@ -68,7 +71,7 @@ def save_native(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
     def write(tmp: str) -> None:
         _write_json(os.path.join(tmp, CONFIG_FILE), {**cfg, "flax_gpt2v_format": NATIVE_FORMAT})
         safetensors.numpy.save_file(arrays, os.path.join(tmp, NATIVE_WEIGHTS))
-        _copy_tokenizer(tokenizer_dir, tmp)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg["n_positions"])
 
     return _write_dir_atomically(path, overwrite, write, _owned_files("native"))
 
@@ -143,7 +146,7 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
             with open(os.path.join(tmp, modeling[0]), "w") as f:
                 f.write(modeling[1])
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), generation_config)
-        _copy_tokenizer(tokenizer_dir, tmp)
+        _copy_tokenizer(tokenizer_dir, tmp, cfg["n_positions"])
 
     return {"dtype": dtype, "files": _write_dir_atomically(path, force, write, _owned_files("hf"))}
 
@@ -243,24 +246,31 @@ def _write_json(file: str, data: Mapping[str, Any]) -> None:
         f.write("\n")
 
 
-def _copy_tokenizer(src: str | os.PathLike | None, dst: str) -> None:
+def _copy_tokenizer(src: str | os.PathLike | None, dst: str, n_positions: int) -> None:
     if src is None:
         return
     names = _tokenizer_files(src)
     if not names:
         raise CheckpointError(f"no tokenizer files in {src} (looked for {', '.join(TOKENIZER_FILES)})")
     for name in names:
-        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+        if name == TOKENIZER_CONFIG_FILE:
+            # A checkpoint's tokenizer is its model's: it allows the model's positions (512 for
+            # duo-predict), whatever the directory it comes from said.
+            _write_json(os.path.join(dst, name), {**read_json(os.path.join(src, name)),
+                                                  "model_max_length": n_positions})
+        else:
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callable[[str], None],
                           owned: set[str]) -> list[str]:
-    """Run write(tmp_dir), then move its files into `path`; returns the names written.
+    """Run write(tmp_dir) beside `path`, then put it in place whole; returns the names written.
 
-    A new directory is renamed into place whole. In an existing one only the files written are
-    replaced (config.json last, so a reader never pairs the old config with half the new files)
-    and those of `owned`, the names such a checkpoint can hold, that this write no longer has
-    (stale tokenizer or modeling files) are removed: nothing else in `path` is touched.
+    A new directory is renamed into place. An existing one is replaced by swapping: the new directory
+    first gets hard links to everything of the old one that is not `owned` (the names such a checkpoint
+    can hold: the user's own files stay, stale tokenizer or modeling files go), then the two are
+    exchanged in one rename and the old one removed. A reader, or a process killed at any point, sees
+    the old checkpoint or the new one, never a new config beside old weights.
     """
     path = os.path.abspath(path)
     exists = os.path.lexists(path)
@@ -270,23 +280,56 @@ def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callabl
         if os.listdir(path) and not replace:
             raise CheckpointError(f"{path} already exists and is not empty; refusing to overwrite it "
                                   "without force")
+        path = os.path.realpath(path)  # a link to the checkpoint: the directory it names is replaced
     parent, name = os.path.split(path)
-    # On the destination's filesystem, so that every rename is atomic.
-    tmp = os.path.join(path if exists else parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    if not exists:
-        os.makedirs(parent, exist_ok=True)
+    os.makedirs(parent, exist_ok=True)
+    # Beside the destination, on its filesystem, so that the renames are atomic.
+    tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
     try:
         write(tmp)
         files = sorted(os.listdir(tmp))
-        if not exists:
+        if exists:
+            for entry in sorted(set(os.listdir(path)) - owned):
+                _link_tree(os.path.join(path, entry), os.path.join(tmp, entry))
+            _exchange(tmp, path)  # tmp now holds the old checkpoint
+        else:
             os.rename(tmp, path)
-            return files
-        for f in sorted(files, key=lambda f: f == CONFIG_FILE):
-            os.replace(os.path.join(tmp, f), os.path.join(path, f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in sorted(owned - set(files)):
-        if os.path.isfile(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
     return files
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Hard links: the user's files are not copied, however large, and stay theirs."""
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link)
+    elif os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    else:
+        _link(src, dst)
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+# renameat2(2): the current directory as the base of relative paths, and the flag that swaps two paths.
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE). Where the system or the
+    filesystem cannot, three renames: a kill between the first two leaves the old checkpoint beside,
+    as `a`.old, and no checkpoint at `b`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "renameat2") and libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                                     _RENAME_EXCHANGE) == 0:
+        return
+    aside = f"{a}.old"
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)

@@ -21,14 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from flax_gpt2v.config import ConfigError
+from flax_gpt2v.errors import first_line
 
 STRATEGIES = ("every_save", "end", "all_checkpoints")
 STAGING = ".hub-push"  # in output_dir: the export of a save while it uploads
 
 
 def _reason(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
+    return first_line(e)[:300]  # a server's first line can be a whole HTML page
 
 
 class HubPush:

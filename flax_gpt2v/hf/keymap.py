@@ -20,7 +20,7 @@ _LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # Tied to wte (docs/gpt2.md): never a Flax param, never written, accepted on import if equal.
 LM_HEAD_KEY = "lm_head.weight"
 _WTE_KEY = "transformer.wte.weight"
-# Long key lists are cut so the error stays one readable line.
+# Long lists of unexpected keys or problems are cut so the error stays one readable line.
 _MAX_LISTED = 12
 # A per-layer key (torch or Flax naming): prefix, layer index, rest.
 _LAYER = re.compile(r"^(.*?\bh[./])(\d+)([./].*)$")
@@ -34,7 +34,8 @@ class ConversionError(ValueError):
         self.mismatched, self.problems = list(mismatched), list(problems)
         parts = list(self.problems)
         if self.missing:
-            parts.append(f"missing {len(self.missing)} key(s): {_listing(self.missing)}")
+            # Every missing name is shown: the key table bounds them, and a hidden one cannot be looked for.
+            parts.append(f"missing {len(self.missing)} key(s): {_listing(self.missing, limit=None)}")
         if self.unexpected:
             parts.append(f"unexpected {len(self.unexpected)} key(s): {_listing(self.unexpected)}")
         if self.mismatched:
@@ -43,9 +44,11 @@ class ConversionError(ValueError):
         super().__init__(f"{what}: " + "; ".join(parts))
 
 
-def _listing(items: list[str]) -> str:
-    """The keys with their layer indices folded, so 24 layers' worth reads as one pattern
-    (transformer.h.{0-23}.attn.bias), and whole layers as one entry (transformer.h.2.* (12 keys))."""
+def _listing(items: list[str], limit: int | None = _MAX_LISTED) -> str:
+    """The keys with layer indices folded, so 24 layers' worth reads as one pattern
+    (transformer.h.{0-23}.attn.bias), and the names that share their layers as one brace list
+    (transformer.h.2.{ln_1.weight,ln_1.bias}): short, and every name is still shown. Past `limit`
+    patterns, a count of the rest."""
     groups: dict[tuple[str, str], list[int] | None] = {}
     for item in items:
         m = _LAYER.match(item)
@@ -53,19 +56,20 @@ def _listing(items: list[str]) -> str:
             groups.setdefault((m[1], m[3]), []).append(int(m[2]))
         else:
             groups[(item, "")] = None
-    by_layers: dict[tuple[str, str], list[str]] = {}
+    by_layers: dict[tuple[str, str | None], list[str]] = {}
     for (head, tail), ix in groups.items():
-        by_layers.setdefault((head, _indices(ix)) if ix is not None else (head, None), []).append(tail)
+        by_layers.setdefault((head, _indices(ix) if ix is not None else None), []).append(tail)
     shown = []
     for (head, ix), tails in by_layers.items():
         if ix is None:
             shown.append(head)
-        elif len(tails) > 3 and not any(" " in t for t in tails):  # keys, not problems naming keys
-            shown.append(f"{head}{ix}{tails[0][0]}* ({len(tails)} keys)")
+        elif len(tails) > 1 and not any(" " in t for t in tails):  # keys, not problems naming keys
+            shown.append(f"{head}{ix}{tails[0][0]}{{{','.join(t[1:] for t in tails)}}}")
         else:
             shown += [head + ix + tail for tail in tails]
-    text = ", ".join(shown[:_MAX_LISTED])
-    return text + (f", ... and {len(shown) - _MAX_LISTED} more" if len(shown) > _MAX_LISTED else "")
+    if limit is None or len(shown) <= limit:
+        return ", ".join(shown)
+    return ", ".join(shown[:limit]) + f", ... and {len(shown) - limit} more"
 
 
 def _indices(ix: list[int]) -> str:

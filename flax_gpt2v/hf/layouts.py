@@ -22,6 +22,7 @@ import numpy as np
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
 from flax_gpt2v.config import HF_MUST_BE, ConfigError, read_json
 from flax_gpt2v.models import load_config, variant_of
+from flax_gpt2v.errors import first_line
 from flax_gpt2v.hf.keymap import check_weights
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -155,8 +156,7 @@ def _read_file(file: str) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds; the first line names the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {file} with torch's weights-only loader: {first}") from None
+        raise CheckpointError(f"cannot read {file} with torch's weights-only loader: {first_line(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")

@@ -65,9 +65,8 @@ def complete(raw: dict) -> tuple[dict, str | None]:
     block = block_length(raw)
     variant = variant_of(raw)
     positions = variant.defaults.get("n_positions", BASE_DEFAULTS["n_positions"])
-    if block is not None and variant.positions_follow_block and block != positions:
-        settings["n_positions"] = (block, f"as the original's {variant.model_type} code set it (= block_size)")
-    elif block is not None and block > positions:
+    # A variant whose positions follow its blocks gets them in every run (trainer.load_run_config).
+    if block is not None and not variant.positions_follow_block and block > positions:
         settings["n_positions"] = (block, f"so that its {block}-token blocks fit (the original could not run "
                                           f"them on {positions} positions)")
     # An experiment's settings that are not this variant's keys (a file run with another model_type).

@@ -24,6 +24,7 @@ import numpy as np
 from flax_gpt2v.hf import checkpoint, layouts as hf_layouts
 from flax_gpt2v.config import MASK_TOKEN, PRESETS, ConfigError, inner_dim, padded_vocab
 from flax_gpt2v.models import load_config, variant_of
+from flax_gpt2v.errors import first_line
 from flax_gpt2v.hf.keymap import flatten_params, key_table, unflatten_params
 
 # Keys that fix the function of the pretrained weights: the training config may repeat them, not change them.
@@ -76,9 +77,8 @@ def resolve(name_or_path: str, cache_dir: str | None = None) -> str:
         raise ConfigError(f"config key 'model_name_or_path': {name_or_path!r} is neither a local directory "
                           "nor a valid Hub id") from None
     except (OSError, ValueError) as e:  # huggingface_hub's not-found, gated and HTTP errors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config key 'model_name_or_path': cannot fetch {name_or_path!r} from the Hub: "
-                          f"{reason}") from None
+                          f"{first_line(e)}") from None
     if path is None:
         raise ConfigError(f"config key 'model_name_or_path': {name_or_path!r} is not a local directory nor in the "
                           "Hugging Face cache, and the Hub is offline (HF_HUB_OFFLINE or no network)")

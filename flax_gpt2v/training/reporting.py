@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Callable
 
 from flax_gpt2v.config import ConfigError
+from flax_gpt2v.errors import first_line
 
 BACKENDS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_run_id"  # in output_dir: a resumed run continues the same W&B run
@@ -100,6 +101,5 @@ def open_backends(names: list[str], output_dir: str, run_config: dict, log: Call
         except ImportError:
             log(f"report_to {name}: {package} is not installed (pip install {package}); not reporting there")
         except Exception as e:  # e.g. wandb online without an API key or network
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log(f"report_to {name}: could not start ({reason}); not reporting there")
+            log(f"report_to {name}: could not start ({first_line(e)}); not reporting there")
     return backends

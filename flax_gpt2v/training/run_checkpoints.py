@@ -1,11 +1,12 @@
 """The training run's Orbax checkpoints (`<output_dir>/checkpoints/<step>`), verified and fail-safe.
 
-- Integrity: once Orbax has committed a step, process 0 writes `sha256.json` into it: the size and
-  SHA-256 of every file of the step. Restoring checks it, so flipped, truncated or missing bytes are
-  found before they are trained on. A step without the file (written before checksums existed, or
-  a process killed between Orbax's commit and the checksum) is restored as it is.
-- Fallback: a damaged or unreadable latest step is reported in one line and removed, and the run
-  resumes from the newest intact one; only when none is intact is the run refused.
+- Integrity: once Orbax has committed a step, a thread beside the training loop (reading the step
+  costs about a second per GB) writes `sha256.json` into it on process 0: the size and SHA-256 of
+  every file of the step; the run's end and a stop wait for it. Restoring checks it, so flipped, truncated or missing bytes are
+  found before they are trained on. A step without the file was never vouched for (its process was
+  killed between Orbax's commit and the checksum, or it predates checksums) and is not trusted.
+- Fallback: a damaged, unreadable or unverified latest step is reported in one line and removed, and
+  the run resumes from the newest intact one; only when none is intact is the run refused.
 - Failures while saving (a full disk, above all) stop the run with one line; Orbax removes old
   steps only after a new one is committed, so the previous checkpoint stays intact.
 """
@@ -18,9 +19,11 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import Callable
 
 from flax_gpt2v.hf.checkpoint import CheckpointError
+from flax_gpt2v.errors import first_line
 
 MANIFEST = "sha256.json"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -54,10 +57,10 @@ def write_manifest(step_dir: str) -> None:
 
 
 def verify(step_dir: str) -> str | None:
-    """None when the step matches its manifest (or has none), else what is wrong, naming the file."""
+    """None when the step matches its manifest, else what is wrong, naming the file."""
     path = os.path.join(step_dir, MANIFEST)
     if not os.path.exists(path):
-        return None
+        return f"{path} was never written (the run stopped before checksumming the step)"
     try:
         with open(path) as f:
             want = json.load(f)["files"]
@@ -74,11 +77,6 @@ def verify(step_dir: str) -> str | None:
         if got[rel][1] != digest:
             return f"{os.path.join(step_dir, rel)} does not match its checksum"
     return None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].rstrip(":") if text else type(e).__name__
 
 
 def disk_errno(e: BaseException) -> int | None:
@@ -108,24 +106,51 @@ def _quiet_hooks(excepthook, unraisablehook):
             lambda u: None if _loop_closed(u.exc_value) else unraisablehook(u))
 
 
+class _Hush:
+    """Orbax logs every failed read or write with a traceback, from its background threads too; the
+    run reports them in one line of its own instead. Hushed only while checkpoint I/O is under way,
+    so the rest of the process logs as it would: held around each checkpoint operation, and for a
+    save until its background commit and checksum end. Counted, because those holds overlap and
+    a save's ends in another thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.levels: list[tuple[logging.Logger, int]] = []
+        self.hooks = None
+
+    def enter(self) -> None:
+        with self.lock:
+            self.holders += 1
+            if self.holders == 1:
+                self.levels = [(lg, lg.level) for lg in map(logging.getLogger, NOISY_LOGGERS)]
+                self.hooks = sys.excepthook, sys.unraisablehook
+                for lg, _ in self.levels:
+                    lg.setLevel(logging.CRITICAL)
+                sys.excepthook, sys.unraisablehook = _quiet_hooks(*self.hooks)
+
+    def exit(self) -> None:
+        with self.lock:
+            self.holders -= 1
+            if self.holders == 0:
+                for lg, level in self.levels:
+                    if lg.level <= logging.CRITICAL:  # not silenced for good meanwhile
+                        lg.setLevel(level)
+                if not _silenced:
+                    sys.excepthook, sys.unraisablehook = self.hooks
+
+
+_hush = _Hush()
+
+
 @contextlib.contextmanager
 def quiet_orbax():
-    """Orbax logs every failed read or write with a traceback, from its background threads too;
-    the run reports them in one line of its own instead. Held while a run trains."""
-    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    hooks = sys.excepthook, sys.unraisablehook
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sys.excepthook, sys.unraisablehook = _quiet_hooks(*hooks)
+    """Orbax hushed for the operation inside (see _Hush)."""
+    _hush.enter()
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            if lg.level <= logging.CRITICAL:  # not silenced for good meanwhile
-                lg.setLevel(level)
-        if not _silenced:
-            sys.excepthook, sys.unraisablehook = hooks
+        _hush.exit()
 
 
 _silenced = False
@@ -150,10 +175,12 @@ class RunCheckpoints:
         self.directory = os.path.abspath(directory)
         self.log = log
         self.is_main = jax.process_index() == 0
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                                 enable_async_checkpointing=True))
-        self.pending: int | None = None   # saved, not yet checksummed
+        with quiet_orbax():
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                     enable_async_checkpointing=True))
+        self.pending: int | None = None   # saved, its commit and checksum awaited by self.checksum
+        self.checksum: threading.Thread | None = None
         self.last_saved: int | None = None
         self.failure: CheckpointError | None = None
 
@@ -162,9 +189,11 @@ class RunCheckpoints:
 
     def restore(self, abstract_state) -> tuple[dict, dict] | None:
         """(state, meta) of the newest intact step, or None when there is no step."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        with quiet_orbax():
+            steps = sorted(self.manager.all_steps(), reverse=True)
         damaged, first_problem = [], None
         for step in steps:
+            verified = os.path.exists(os.path.join(self.step_dir(step), MANIFEST))
             problem = verify(self.step_dir(step))
             if problem is None:
                 try:
@@ -180,11 +209,12 @@ class RunCheckpoints:
             damaged.append(step)
             first_problem = first_problem or problem
             if step != steps[-1]:
-                self.log(f"checkpoint step {step} is damaged: {problem}; falling back to the previous one")
+                state = "is damaged" if verified else "is not trusted"
+                self.log(f"checkpoint step {step} {state}: {problem}; falling back to the previous one")
         if steps:
             raise CheckpointError(f"cannot resume from {self.directory}: no checkpoint is intact (written by "
-                                  f"another flax-gpt2v version, or damaged); step {steps[0]}: {first_problem}; "
-                                  "use a new output_dir")
+                                  f"another flax-gpt2v version, damaged, or never verified); step {steps[0]}: "
+                                  f"{first_problem}; use a new output_dir")
         return None
 
     def _remove(self, steps: list[int]) -> None:
@@ -192,48 +222,48 @@ class RunCheckpoints:
         for step in steps:
             with quiet_orbax():
                 self.manager.delete(step)
-            self.log(f"removed damaged checkpoint step {step}")
+            self.log(f"removed checkpoint step {step}")
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start an asynchronous save. A failure is not raised here: poll() returns it at the next
-        step, so that the training loop ends in its usual way; finish() raises it."""
-        if self.pending is not None:  # Orbax would wait for it too; it gets its checksum first
-            self._wait()
+        """Start an asynchronous save, committed and checksummed in the background. A failure is not
+        raised here: poll() returns it at a later step, so that the training loop ends in its usual
+        way; finish() raises it."""
+        self._wait()  # Orbax would wait for the previous save too; it gets its checksum first
         if self.failure is not None:
             return
+        _hush.enter()  # until _vouch ends: Orbax's threads write, and may fail, meanwhile
         try:
-            with quiet_orbax():
-                self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                                                     meta=self.ocp.args.JsonSave(dict(meta))))
+            self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
+                                                                 meta=self.ocp.args.JsonSave(dict(meta))))
         except Exception as e:
+            _hush.exit()
             self._failed(step, e)
             return
         self.pending = step
+        self.checksum = threading.Thread(target=self._vouch, args=(step,), daemon=True,
+                                         name=f"checksum of checkpoint step {step}")
+        self.checksum.start()
 
-    def poll(self) -> CheckpointError | None:
-        """Per training step: note a failed background save; checksum a finished one. Cheap."""
-        if self.pending is None or self.failure is not None:
-            return self.failure
-        if self.manager.is_saving_in_progress():
-            return None
-        step, self.pending = self.pending, None
+    def _vouch(self, step: int) -> None:
+        """In the background: wait for Orbax to commit `step`, then write its manifest (process 0).
+        Until the manifest is written the step is not trusted (see restore), so a kill meanwhile is safe."""
         try:
-            with quiet_orbax():
-                self.manager.check_for_errors()
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+            if not os.path.isdir(self.step_dir(step)):
+                raise RuntimeError("Orbax did not commit it")
+            if self.is_main:
+                write_manifest(self.step_dir(step))
         except Exception as e:
             self._failed(step, e)
-            return self.failure
-        if step not in self.manager.all_steps() and not os.path.isdir(self.step_dir(step)):
-            self._failed(step, RuntimeError("Orbax did not commit it"))
-            return self.failure
-        if self.is_main:
-            try:
-                write_manifest(self.step_dir(step))
-            except OSError as e:
-                self._failed(step, e)
-                return self.failure
-        self.last_saved = step
-        return None
+        else:
+            self.last_saved = step
+        finally:
+            _hush.exit()
+
+    def poll(self) -> CheckpointError | None:
+        """Per training step: the failure of a background save, if any. Cheap: waits for nothing."""
+        return self.failure
 
     def _failed(self, step: int, e: BaseException) -> None:
         silence_failed_saves()
@@ -248,20 +278,18 @@ class RunCheckpoints:
         self.failure = CheckpointError(f"{what}; {kept}; {then}")
 
     def _wait(self) -> None:
-        try:
-            with quiet_orbax():
-                self.manager.wait_until_finished()
-        except Exception as e:
-            if self.pending is not None:
-                self._failed(self.pending, e)
-        self.poll()
+        """Until the pending save is committed and checksummed (or has failed)."""
+        if self.pending is not None:
+            self.checksum.join()
+            self.pending = self.checksum = None
 
     def finish(self) -> None:
-        """Wait for the last save, checksum it; raises the failure of any save."""
+        """Wait for the last save and its checksum; raises the failure of any save."""
         self._wait()
         if self.failure is not None:
             raise self.failure
 
     def close(self) -> None:
+        self._wait()  # a run that ends by an exception leaves no checksum half-written behind it
         with quiet_orbax(), contextlib.suppress(Exception):
             self.manager.close()

@@ -12,7 +12,7 @@ Lustre mounted with -o flock).
 Signals: the first SIGTERM or SIGINT asks the training loop to stop after the step in
 progress (it then checkpoints that step); a second one exits at once. Before the loop
 starts (data preparation, compilation) the first signal stops at once: nothing is lost.
-With several processes, `agree` makes every process stop at the same step.
+With several processes, `agreed_stop` makes every process stop at the same step.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Exit statuses: 128 + the signal's number for a stop by signal (the shell's convention),
 # and this one for a run stopped because its loss diverged.
 DIVERGED_STATUS = 3
+# With several processes, they agree on a stop every this many steps (and after every save step), not
+# at every step: an all-gather makes each host wait for the step before it to finish on every host.
+AGREE_EVERY = 10
 
 
 # A BaseException, like KeyboardInterrupt: code that catches Exception (a checkpoint restore that would
@@ -169,3 +172,16 @@ def agree(code: int) -> int:
         return code
     from jax.experimental import multihost_utils
     return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+
+
+def agreed_stop(step: int, save_steps: int, code: int) -> int:
+    """The stop code (a signal's number, 255 for a failed save, 0 to go on) every process acts on
+    before `step`. One process acts on its own at once. Several agree (the largest code) every
+    AGREE_EVERY steps and after every save step, the same steps on every process; a stop waits for
+    the next of those, and a stop after a save step needs no checkpoint of its own."""
+    import jax
+    if jax.process_count() == 1:
+        return code
+    if step % AGREE_EVERY and step % save_steps:
+        return 0
+    return agree(code)

@@ -41,7 +41,7 @@ from flax_gpt2v.models import split_config
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
 from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, build_model, variant_of
-from flax_gpt2v.training.run_checkpoints import RunCheckpoints, quiet_orbax
+from flax_gpt2v.training.run_checkpoints import RunCheckpoints
 from flax_gpt2v.training.schedule import SCHEDULES, adamw, lr_schedule
 
 # Trainer options and their defaults: the original's recipe (docs/training.md) on HF Trainer defaults.
@@ -324,6 +324,9 @@ def load_run_config(config: Mapping[str, Any] | str | os.PathLike, overrides: Ma
     train = {k: v for k, v in raw.items() if k in TRAINING_KEYS}
     if train.get("model_name_or_path"):
         model_raw, train = pretrained.merge_config(model_raw, train)
+    # A variant whose positions follow its blocks (duo-predict, as the original's code set them).
+    if variant_of(model_raw).positions_follow_block and block_length(train) is not None:
+        model_raw.setdefault("n_positions", block_length(train))
     model_cfg = split_config({**model_raw, **train})[0]
     return model_raw, model_cfg, resolve_options(train, model_cfg), train
 
@@ -637,8 +640,7 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     signals = run_guard.StopSignals()
     signals.install()
     try:
-        with quiet_orbax():
-            return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
+        return _run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
     finally:
         lock.release()
         signals.restore()
@@ -689,7 +691,7 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
     run_config = {"model": model_cfg, "train": dataclasses.asdict(opts),
                   "data": {k: v for k, v in train_keys.items() if k in DATA_KEYS}}
     if is_main:
-        prepared.tokenizer.save(opts.output_dir)
+        prepared.tokenizer.save(opts.output_dir, model_max_length=model_cfg["n_positions"])
 
     tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None
     num_blocks = len(prepared.train)
@@ -779,7 +781,7 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
     signals.in_loop = True
     for step in range(start, total):
         # Every process stops at the same step: the stop code is agreed on (max over processes).
-        code = run_guard.agree(signals.received or (255 if ckpts.poll() else 0))
+        code = run_guard.agreed_stop(step, opts.save_steps, signals.received or (255 if ckpts.poll() else 0))
         if meta["stopped"] or code:
             break
         batch = global_batch(data.make_batch(prepared.train, batches.indices(step), model_cfg), batch_sharding)

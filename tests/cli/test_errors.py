@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,54 @@ def test_force_replaces_only_the_converters_files(native, tmp_path, capsys):
     (back / "notes.txt").write_text("keep me")
     assert FROM_TORCH([str(dst), str(back), "--force"]) == 0
     assert (back / "notes.txt").read_text() == "keep me" and is_native(back)
+
+
+# convert/to_torch.py in a process that SIGKILLs itself at the `at`-th file operation under `watched`.
+KILL_AT = """
+import os, runpy, shutil, signal, sys
+calls = [0]
+def killing(op):
+    def call(*args, **kwargs):
+        if any(str(a).startswith({watched!r}) for a in args):
+            calls[0] += 1
+            if calls[0] == {at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return op(*args, **kwargs)
+    return call
+for module, name in ((os, "mkdir"), (os, "rename"), (os, "replace"), (os, "remove"), (os, "link"), (shutil, "rmtree")):
+    setattr(module, name, killing(getattr(module, name)))
+sys.argv = ["convert/to_torch.py", *{argv!r}]
+runpy.run_path("convert/to_torch.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_force_killed_at_any_point_leaves_the_old_checkpoint_or_the_new(native, tmp_path):
+    gpt2 = tmp_path / "gpt2-native"
+    perturbed_lm("gpt2").save(gpt2)
+    old, new = tmp_path / "old", tmp_path / "new"
+    assert TO_TORCH([str(native), str(old)]) == 0
+    (old / "README.md").write_text("my notes")  # the user's own files, kept by a replacement
+    (old / "eval").mkdir()
+    (old / "eval" / "results.json").write_text("{}")
+    shutil.copytree(old, new)
+    assert TO_TORCH([str(gpt2), str(new), "--force"]) == 0
+    states = {"old": tree(old), "new": tree(new)}
+    assert states["old"] != states["new"]
+    seen = []
+    for at in range(1, 100):
+        out = tmp_path / f"kill-{at}"
+        shutil.copytree(old, out / "hf")
+        script = KILL_AT.format(watched=str(out), at=at, argv=[str(gpt2), str(out / "hf"), "--force"])
+        p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=QUIET, capture_output=True, text=True)
+        assert p.returncode in (0, -signal.SIGKILL), p.stderr[-3000:]
+        now = tree(out / "hf")
+        match = [name for name, state in states.items() if state == now]
+        assert match, f"killed at file operation {at}: neither the old checkpoint nor the new: {sorted(now)}"
+        seen.append(match[0])
+        if p.returncode == 0:
+            break
+    assert seen[0] == "old" and seen[-1] == "new" and len(seen) > 2, seen
 
 
 def make_run(root):

@@ -105,7 +105,7 @@ def test_embedded_corpus_with_gpt2_tokenizer(embedded, tmp_path):
     assert first.train.max() < tok.mask_token_id
     # Saved files load with transformers and tokenize the same way.
     from transformers import AutoTokenizer
-    tok.save(str(tmp_path / "tok"))
+    tok.save(str(tmp_path / "tok"), model_max_length=1024)
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= set(os.listdir(tmp_path / "tok"))
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     sample = "Augmented assignment <|MASK|> is neat.<|endoftext|>"

@@ -10,7 +10,7 @@ import regex
 from flax_gpt2v.data import tokenizer
 from flax_gpt2v.data.tokenizer import gpt2_tokenizer, load_tokenizer
 
-from helpers import write_small_tokenizer
+from helpers import perturbed_lm, write_small_tokenizer
 
 # Unicode (accents, CJK, emoji, combining marks, non-breaking space), whitespace runs, tabs,
 # newlines, numbers, contractions in both cases, punctuation runs, code.
@@ -84,7 +84,7 @@ def test_gpt2_names_never_touch_the_network(monkeypatch, tmp_path, gpt2):
 def test_saved_files_load_in_transformers(gpt2, tmp_path):
     from transformers import AutoTokenizer
 
-    gpt2.save(str(tmp_path))
+    gpt2.save(str(tmp_path), model_max_length=1024)
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= set(os.listdir(tmp_path))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["model_max_length"] == 1024
@@ -98,3 +98,19 @@ def test_saved_files_load_in_transformers(gpt2, tmp_path):
     assert hf.decode(hf(VARIED).input_ids) == VARIED
     # And the saved files load back into the project with the same fingerprint.
     assert load_tokenizer(str(tmp_path)).fingerprint == gpt2.fingerprint
+
+
+def test_every_saved_tokenizer_says_its_models_positions(gpt2, tmp_path):
+    # GPT-2's tokenizer says 1024; a duo-predict model (48 positions here, 512 as the original's) says its own.
+    from flax_gpt2v.hf.checkpoint import export_hf, save_native
+    gpt2.save(str(tmp_path / "tok"), model_max_length=48)
+    lm = perturbed_lm("duo-predict")
+    save_native(tmp_path / "native", lm.config, lm.params, tokenizer_dir=tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text()), "model_max_length": 1024}))
+    save_native(tmp_path / "native2", lm.config, lm.params, tokenizer_dir=tmp_path / "tok")
+    export_hf(tmp_path / "native2", tmp_path / "hf")
+    for d in ("native", "native2", "hf"):
+        config = json.loads((tmp_path / d / "tokenizer_config.json").read_text())
+        assert config["model_max_length"] == lm.config["n_positions"] == 48, d
+        assert config["tokenizer_class"] == "GPT2Tokenizer"

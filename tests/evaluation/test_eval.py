@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     write_small_tokenizer(root / "tok0", TEXT.splitlines(keepends=True))
     tok = load_tokenizer(str(root / "tok0"))
     tok_dir = root / "tok"
-    tok.save(str(tok_dir))
+    tok.save(str(tok_dir), model_max_length=1024)
     text_file = root / "val.txt"
     text_file.write_text(TEXT)
 

@@ -594,4 +594,15 @@ def test_key_mismatch_is_one_short_line(tmp_path):
     msg = str(info.value)
     assert "\n" not in msg and len(msg) < 400, msg
     assert "unexpected 2 key(s): transformer.h.{0-1}.attn.rope.frequencies" in msg
-    assert "missing 12 key(s): transformer.h.2.* (12 keys)" in msg
+    names = [k[len("transformer.h.2."):] for k in flax_to_torch_state(random_params(tiny_config("gpt2", n_layer=3)),
+                                                                     tiny_config("gpt2", n_layer=3))
+             if k.startswith("transformer.h.2.")]
+    # Every missing name is listed, however many layers lack it.
+    assert f"missing 12 key(s): transformer.h.2.{{{','.join(names)}}}" in msg
+    with pytest.raises(ConversionError) as info:
+        torch_to_flax_params(flax_to_torch_state(random_params(tiny_config("gpt2")), tiny_config("gpt2")),
+                             tiny_config("gpt2", n_layer=5))
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert f"missing 36 key(s): transformer.h.{{2-4}}.{{{','.join(names)}}}" in msg
+    assert "... and" not in msg

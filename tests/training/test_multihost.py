@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import flax_gpt2v as fg
+from flax_gpt2v.training import run_guard
 
 from helpers import ROOT, TESTS, read_metrics
 
@@ -27,9 +28,12 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import helpers as t
 from flax_gpt2v.training import run_guard, trainer as tr
+agree, agreements = run_guard.agree, []
+run_guard.agree = lambda code: agreements.append(code) or agree(code)
 try:
     summary = tr.train(t.tiny_config("gpt2", {out!r}, **{extra!r}), prepared=t.corpus(), log=print)
 except run_guard.RunStopped as e:
+    print(f"AGREEMENTS {{len(agreements)}}", flush=True)
     print(e, flush=True)
     sys.exit(e.status)
 print("SUMMARY " + json.dumps(summary))
@@ -132,6 +136,10 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path):
     last = [o.strip().splitlines()[-1] for o in outputs]
     n = int(re.fullmatch(r"stopped by SIGTERM at step (\d+); run the same command to resume", last[1]).group(1))
     assert last[0] == f"stopped by SIGTERM (on another process) at step {n}; run the same command to resume"
+    # Not an all-gather per step: the lock's, one every AGREE_EVERY steps, the one after the loop.
+    for output in outputs:
+        agreements = int(re.search(r"^AGREEMENTS (\d+)$", output, re.M).group(1))
+        assert agreements <= 3 + n // run_guard.AGREE_EVERY, (agreements, n)
     assert os.listdir(out / "checkpoints") == [str(n)]
     assert max(m["step"] for m in read_metrics(out)) == n
 

@@ -207,9 +207,13 @@ def test_original_experiments_supply_their_code_version_and_explicit_keys_win():
     assert (cfg["n_positions"], opts.block_size) == (8192, 8192) and "could not run" in notes[0]
     assert tr.load_run_config({**small, "block_size": 1024}, notes=(notes := []))[1]["n_positions"] == 1024
     assert notes == []
-    # Not one of the original's runs: nothing supplied.
+    # Not one of the original's runs: nothing supplied, but duo-predict's positions follow its blocks in
+    # every run, as the original's duo code set them; a given n_positions wins.
     _, cfg, _, _ = tr.load_run_config({**duo, "run_name": "mine"})
-    assert (cfg["duo_loss"], cfg["n_positions"]) == ("dual", 512)
+    assert (cfg["duo_loss"], cfg["n_positions"]) == ("dual", 256)
+    assert tr.load_run_config({"model_type": "duo-predict-gpt2", "max_seq_length": 1024})[1]["n_positions"] == 1024
+    assert tr.load_run_config({**duo, "run_name": "mine", "n_positions": 512})[1]["n_positions"] == 512
+    assert tr.load_run_config({"model_type": "duo-predict-gpt2"})[1]["n_positions"] == 512
 
 
 # ---------------------------------------------------------------- the files themselves

@@ -3,12 +3,14 @@ a second process on the same output_dir, a full filesystem (issue 12)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -221,6 +223,78 @@ def test_flipped_bytes_and_a_torn_log_line_fall_back_to_an_intact_step(tmp_path)
             as e:
         tr.train({**cfg, "max_steps": 6}, prepared=corpus(), log=lambda m: None)
     assert "\n" not in str(e.value)
+
+
+KILL_BEFORE_CHECKSUM = """
+import os, signal
+from flax_gpt2v.training import run_checkpoints
+write_manifest = run_checkpoints.write_manifest
+def killing_write_manifest(step_dir):
+    if step_dir.endswith("/{step}"):  # Orbax has committed the step; its checksum never comes
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_manifest(step_dir)
+run_checkpoints.write_manifest = killing_write_manifest
+"""
+
+
+@pytest.mark.slow
+def test_a_step_killed_before_its_checksum_is_not_trusted(tmp_path):
+    # Killed right after step 4's commit, that step then damaged on disk: the resume falls back to step 2.
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    opts = {**LONG, "max_steps": 6, "save_steps": 2}
+    proc = start_cli(tmp_path, out, hook=KILL_BEFORE_CHECKSUM.format(step=4), **opts)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    step4 = out / "checkpoints" / "4"
+    assert (step4 / "state").is_dir() and not (step4 / run_checkpoints.MANIFEST).exists()
+    victim = max((p for p in (step4 / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 21] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 21])
+    victim.write_bytes(bytes(raw))
+    lines = []
+    tr.train(tiny_config("gpt2", out, **opts), prepared=corpus(), log=lines.append)
+    assert f"checkpoint step 4 is not trusted: {step4}/{run_checkpoints.MANIFEST} was never written (the run " \
+           "stopped before checksumming the step); falling back to the previous one" in lines
+    assert f"resumed from {out}/checkpoints at step 2" in lines
+    tr.train(tiny_config("gpt2", ref, **opts), prepared=corpus(), log=lambda m: None)
+    assert read_metrics(out) == read_metrics(ref)
+    assert_same_params(out, ref)
+
+
+def test_checksums_are_written_beside_the_loop_and_waited_for(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    threads = {}
+    write_manifest = run_checkpoints.write_manifest
+
+    def slow_write_manifest(step_dir):
+        threads[os.path.basename(step_dir)] = threading.current_thread()
+        time.sleep(1)  # a large checkpoint: the run's end must still wait for its checksum
+        write_manifest(step_dir)
+    monkeypatch.setattr(run_checkpoints, "write_manifest", slow_write_manifest)
+    tr.train(tiny_config("gpt2", out, max_steps=4, save_steps=2, eval_steps=100, warmup_steps=1), prepared=corpus(),
+             log=lambda m: None)
+    assert sorted(threads) == ["2", "4"]
+    assert all(t is not threading.main_thread() for t in threads.values())
+    for step in ("2", "4"):
+        assert run_checkpoints.verify(str(out / "checkpoints" / step)) is None
+
+
+def test_orbax_is_hushed_only_while_checkpoint_io_runs(tmp_path, monkeypatch):
+    absl = logging.getLogger("absl")
+    level = absl.level
+    during, outside = [], []
+    write_manifest = run_checkpoints.write_manifest
+
+    def noting_write_manifest(step_dir):
+        during.append(absl.isEnabledFor(logging.WARNING))
+        write_manifest(step_dir)
+    monkeypatch.setattr(run_checkpoints, "write_manifest", noting_write_manifest)
+    # The line naming the model comes after the checkpoints are opened and restored, before the loop.
+    log = lambda line: outside.append(absl.isEnabledFor(logging.WARNING)) if " parameters, mesh " in line else None
+    tr.train(tiny_config("gpt2", tmp_path / "run", max_steps=2, save_steps=2, warmup_steps=1), prepared=corpus(),
+             log=log)
+    assert during == [False] and outside == [True]
+    assert absl.level == level
 
 
 def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import flax_gpt2v as fg
 from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.models import ops
-from flax_gpt2v.training import sharding
+from flax_gpt2v.training import run_checkpoints, sharding
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from flax_gpt2v.hf.keymap import flatten_params
 from flax_gpt2v.hf.checkpoint import CheckpointError
@@ -267,11 +267,12 @@ def test_sigkill_and_resume_is_exact(model_type, tmp_path):
 def test_resume_from_an_unreadable_checkpoint_is_one_line_error(tmp_path):
     out = tmp_path / "run"
     tr.train(tiny_config("gpt2", out, max_steps=2, save_steps=2, warmup_steps=1), prepared=corpus(), log=lambda m: None)
-    # Without its checksum file (as written before checksums existed), the damage shows when Orbax reads it.
-    (out / "checkpoints" / "2" / "sha256.json").unlink()
+    # Junk that its checksum file vouches for (as a checkpoint of another version would be): the damage
+    # shows when Orbax reads it.
     for f in (out / "checkpoints" / "2" / "state").rglob("*"):
         if f.is_file() and f.name != "_CHECKPOINT_METADATA":
             f.write_bytes(b"not a checkpoint")
+    run_checkpoints.write_manifest(str(out / "checkpoints" / "2"))
     kept = (out / "metrics.jsonl").read_text()
     with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoints: no checkpoint is intact .*step 2: "
                                               r".*checkpoints/2 cannot be restored") as e:

@@ -290,7 +290,7 @@ def corpus(block=BLOCK):
     blocks = ids[: len(ids) // block * block].reshape(-1, block)
     n_val = max(8, len(blocks) // 10)
     return types.SimpleNamespace(tokenizer=ByteTokenizer(), train=blocks[:-n_val], validation=blocks[-n_val:],
-                                 source="SPEC.md as bytes")
+                                 source="docs/ as bytes")
 
 
 def tiny_config(model_type="gpt2", out="runs/x", **train):

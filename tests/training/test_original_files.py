@@ -137,7 +137,7 @@ def test_bad_data_keys_name_the_key(tmp_path, bad):
 
 # ---------------------------------------------------------------- keys (docs/experiments.md)
 
-SPEC9_FILE = {
+EVERY_KEY_FILE = {
     "run_name": "r", "model_name": "m",
     "dataset": {"path": "wikitext", "name": "wikitext-103-raw-v1", "num_proc": 20},
     "train_files": [], "max_train_samples": None, "max_eval_samples": None, "validation_split_percentage": "1",
@@ -158,7 +158,7 @@ SPEC9_FILE = {
 
 def test_a_file_with_every_spec9_key_loads():
     notes = []
-    _, cfg, opts, train = tr.load_run_config(SPEC9_FILE, notes=notes)
+    _, cfg, opts, train = tr.load_run_config(EVERY_KEY_FILE, notes=notes)
     assert opts.block_size == 512  # min(block_size, max_seq_length)
     assert opts.per_device_train_batch_size == 64  # batch_size 40000 is the grouping batch, not this
     assert train["batch_size"] == 40000
@@ -171,9 +171,9 @@ def test_a_file_with_every_spec9_key_loads():
     judged = set(tr.DEFAULTS) | tr.DATA_KEYS | tr.IGNORED_KEYS | set(oe.ONLY_VALUES) | {"hub_token"}
     assert TRAINING_KEYS <= judged, TRAINING_KEYS - judged
     with pytest.raises(ConfigError, match="'eval_strategy'"):
-        tr.load_run_config({**SPEC9_FILE, "eval_strategy": "epoch"})
+        tr.load_run_config({**EVERY_KEY_FILE, "eval_strategy": "epoch"})
     with pytest.raises(ConfigError, match="'max_seq_length'"):
-        tr.load_run_config({**SPEC9_FILE, "model_type": "gpt2", "max_seq_length": 2048, "block_size": 4096,
+        tr.load_run_config({**EVERY_KEY_FILE, "model_type": "gpt2", "max_seq_length": 2048, "block_size": 4096,
                             "n_positions": 1024})
 
 

@@ -182,7 +182,7 @@ def test_loss_falls_and_outputs_load(model_type, tmp_path):
     if model_type == "duo-predict-gpt2":
         assert {"eval_next_loss", "eval_fill_accuracy", "eval_fill_perplexity"} <= set(evals[-1])
     assert summary["step"] == 30 and summary["eval_loss"] == evals[-1]["eval_loss"]
-    assert lines[-1].startswith(f"trained {model_type} (2 layers, d 32, ") and "on SPEC.md as bytes" in lines[-1]
+    assert lines[-1].startswith(f"trained {model_type} (2 layers, d 32, ") and "on docs/ as bytes" in lines[-1]
     with open(out / "summary.json") as f:
         assert json.load(f) == summary
     lm = fg.load(out)

@@ -1,0 +1,283 @@
+"""The GPT-2 core in Flax linen (docs/gpt2.md), with the points where variants plug in.
+
+The parameter tree mirrors the HF state dict: `transformer/h/0/attn/c_attn/kernel`
+is `transformer.h.0.attn.c_attn.weight`. A variant subclasses exactly one thing:
+`Attention` (its `setup`, `rotate_qk` or `transform_heads`), `Transformer` (its
+`run_blocks`) or `GPT2LMHeadModel` (its `layout`). Nothing here knows about any variant.
+
+Options that are not variants are fields fixed at construction: `dtype` (compute
+dtype of activations and matmuls; parameters are always fp32), `remat` (what a layer
+keeps for the backward pass), `scan` (the layers as one lax.scan) and the attention
+kernel. The forward pass stacks the per-layer parameters h/{i} and applies `Block` as a
+pure function, so the tree keeps the HF names while the layers still scan.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_gpt2v.models import ops
+from flax_gpt2v.config import head_dim, inner_dim, padded_vocab
+from flax_gpt2v.models.variant import Variant
+
+Dtype = Any
+# The KV cache of a whole model: k and v stacked over layers, [L, B, S, H, Dh].
+Cache = Optional[dict]
+
+
+def normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def proj_std(cfg) -> float:
+    # GPT-2 scales residual-output projections by depth (docs/gpt2.md).
+    return cfg["initializer_range"] / math.sqrt(2 * cfg["n_layer"])
+
+
+class Attention(nn.Module):
+    cfg: dict
+    dtype: Dtype = jnp.float32
+    # jax.nn.dot_product_attention backend: "xla" or "cudnn" (fused, GPU, bf16/fp16 only).
+    implementation: str = "xla"
+
+    # Random streams this attention draws from in training; variants add theirs.
+    rng_streams = ("dropout",)
+
+    def setup(self):
+        d = self.cfg["n_embd"]
+        self.c_attn = nn.Dense(3 * d, dtype=self.dtype, kernel_init=normal(self.cfg["initializer_range"]))
+        self.c_proj = nn.Dense(d, dtype=self.dtype, kernel_init=normal(proj_std(self.cfg)))
+        self.attn_dropout = nn.Dropout(self.cfg["attn_pdrop"])
+        self.resid_dropout = nn.Dropout(self.cfg["resid_pdrop"])
+
+    def rotate_qk(self, q, k, positions):
+        """Hook: position-dependent transform of q, k [B, T, H, Dh] before the scores."""
+        return q, k
+
+    def transform_heads(self, o, deterministic: bool):
+        """Hook: transform of the per-head output [B, T, H, Dh] before heads merge."""
+        return o
+
+    def attend(self, q, k, v, mask, deterministic: bool, implementation: str):
+        """softmax(q k^T / sqrt(Dh)) v over q [B, T, H, Dh], k, v [B, S, H, Dh]; mask [T, S],
+        or None for causal with T == S. Scores and softmax are fp32 in every path."""
+        if deterministic or self.attn_dropout.rate == 0.0:
+            return ops.fused_attention(q, k, v, mask, implementation)
+        # Dropout on the probabilities needs them materialised: no fused kernel in JAX exposes that.
+        if mask is None:
+            mask = ops.causal_mask(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+        probs = self.attn_dropout(probs, deterministic=deterministic).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def __call__(self, x, positions, mask, kv, cache_index, deterministic: bool):
+        b, t, d = x.shape
+        h = self.cfg["n_head"]
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))
+        q, k = self.rotate_qk(q, k, positions)
+        implementation = self.implementation
+        if kv is not None:
+            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+            kv = (k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            if mask is None:
+                mask = ops.causal_mask(positions, jnp.arange(k.shape[1]))
+            # Decoding reads a few queries against the cache: memory-bound, no fused kernel needed.
+            implementation = "xla"
+        o = self.attend(q, k, v, mask, deterministic, implementation)
+        o = self.transform_heads(o, deterministic)
+        y = self.c_proj(o.reshape(b, t, d))
+        return self.resid_dropout(y, deterministic=deterministic), kv
+
+
+class MLP(nn.Module):
+    cfg: dict
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        x = nn.Dense(inner_dim(cfg), dtype=self.dtype, kernel_init=normal(cfg["initializer_range"]), name="c_fc")(x)
+        x = ops.gelu_new(x)
+        x = nn.Dense(cfg["n_embd"], dtype=self.dtype, kernel_init=normal(proj_std(cfg)), name="c_proj")(x)
+        return nn.Dropout(cfg["resid_pdrop"])(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: dict
+    attention_cls: type = Attention
+    dtype: Dtype = jnp.float32
+    attention_implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv, cache_index, deterministic: bool):
+        eps = self.cfg["layer_norm_epsilon"]
+        attn = self.attention_cls(self.cfg, self.dtype, self.attention_implementation, name="attn")
+        a, kv = attn(nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), positions, mask, kv, cache_index,
+                     deterministic)
+        x = x + a
+        x = x + MLP(self.cfg, self.dtype, name="mlp")(nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x), deterministic)
+        return x, kv
+
+
+class Layers(nn.Module):
+    """The `h` container: layer i's parameters live under `h/{i}`. Called only to create them;
+    the forward pass applies `Block` functionally to the stacked layer parameters."""
+    cfg: dict
+    attention_cls: type
+    dtype: Dtype
+    attention_implementation: str
+
+    @nn.compact
+    def __call__(self, i: int, x, positions, mask, kv, cache_index, deterministic: bool):
+        return Block(self.cfg, self.attention_cls, self.dtype, self.attention_implementation, name=str(i))(
+            x, positions, mask, kv, cache_index, deterministic)
+
+
+# What a rematerialised layer keeps for the backward pass: "full" keeps only its input (the
+# original's gradient checkpointing); "dots" also keeps the outputs of its weight matmuls,
+# so the backward pass recomputes only the cheap elementwise work and attention.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_layers(step, x, xs, scan: bool):
+    """Fold `step(x, xs_i) -> (x, y_i)` over the leading (layer) axis of the pytree xs; the
+    y_i come back stacked. `scan` runs one lax.scan: the layer is compiled once, not once per layer."""
+    if scan:
+        return jax.lax.scan(step, x, xs)
+    ys = []
+    for i in range(jax.tree.leaves(xs)[0].shape[0]):
+        x, y = step(x, jax.tree.map(lambda a: a[i], xs))
+        ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+class Transformer(nn.Module):
+    """`transformer/...`: embeddings, the layer stack `h`, `ln_f`; the LM head is tied to wte.
+
+    wte has `padded_vocab(cfg)` rows so the head's matmul tiles evenly; rows from vocab_size
+    on are zero, never looked up, and masked out of every logit.
+    """
+    cfg: dict
+    attention_cls: type
+    dtype: Dtype
+    remat: str
+    scan: bool
+    attention_implementation: str
+
+    def setup(self):
+        init = normal(self.cfg["initializer_range"])
+        vocab = self.cfg["vocab_size"]
+
+        def wte_init(key, shape, dtype=jnp.float32):
+            return init(key, shape, dtype).at[vocab:].set(0)
+
+        self.wte = nn.Embed(padded_vocab(self.cfg), self.cfg["n_embd"], embedding_init=wte_init)
+        self.wpe = nn.Embed(self.cfg["n_positions"], self.cfg["n_embd"], embedding_init=init)
+        self.drop = nn.Dropout(self.cfg["embd_pdrop"])
+        self.h = Layers(self.cfg, self.attention_cls, self.dtype, self.attention_implementation)
+        self.ln_f = nn.LayerNorm(self.cfg["layer_norm_epsilon"], dtype=self.dtype)
+
+    def layer_fn(self, positions, mask, cache_index, deterministic: bool):
+        """One layer as a pure function (params, x, kv, rngs) -> (x, kv), rematerialised by `remat`."""
+        block = Block(self.cfg, self.attention_cls, self.dtype, self.attention_implementation, parent=None)
+
+        def layer(params, x, kv, rngs):
+            return block.apply({"params": params}, x, positions, mask, kv, cache_index, deterministic, rngs=rngs)
+
+        policy = REMAT_POLICIES[self.remat]
+        return layer if policy is None else jax.checkpoint(layer, policy=policy)
+
+    def layer_inputs(self, layers: int, cache, deterministic: bool):
+        """(params, kv, rngs) of layers 0..layers-1, each stacked on a leading layer axis."""
+        params = self.h.variables["params"]
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[str(i)] for i in range(layers)))
+        kv = None if cache is None else (cache["k"], cache["v"])
+        streams = () if deterministic else self.attention_cls.rng_streams
+        rngs = {s: jax.random.split(self.make_rng(s), layers) for s in streams if self.has_rng(s)}
+        return stacked, kv, rngs
+
+    def run_blocks(self, x, positions, mask, cache: Cache, cache_index, deterministic: bool):
+        """Hook: the layer stack. Core: layer after layer, each with its slice of the cache."""
+        layer = self.layer_fn(positions, mask, cache_index, deterministic)
+        x, kv = run_layers(lambda x, xs: layer(xs[0], x, xs[1], xs[2]), x,
+                           self.layer_inputs(self.cfg["n_layer"], cache, deterministic), self.scan)
+        return x, (None if cache is None else {"k": kv[0], "v": kv[1]})
+
+    def create_params(self, x, positions, mask, deterministic: bool):
+        """At init: parameters come into being through the per-layer modules h/{i}."""
+        for i in range(self.cfg["n_layer"]):
+            x, _ = self.h(i, x, positions, mask, None, 0, deterministic)
+        return x
+
+    def head(self, hidden):
+        """fp32 logits [..., vocab_size] of the tied head."""
+        return ops.tied_logits(hidden, self.wte.embedding, self.cfg["vocab_size"])
+
+    def __call__(self, input_ids, positions, mask, cache: Cache, cache_index, deterministic: bool):
+        x = self.wte(input_ids) + self.wpe(positions)[None]
+        x = self.drop(x, deterministic=deterministic).astype(self.dtype)
+        if self.is_initializing():
+            x = self.create_params(x, positions, mask, deterministic)
+        else:
+            x, cache = self.run_blocks(x, positions, mask, cache, cache_index, deterministic)
+        return self.ln_f(x), cache
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with tied LM head: fp32 logits [B, T, V], plus the updated cache when one is given.
+
+    Construction options, fixed for the module's life: `dtype` (compute), `remat` (a
+    REMAT_POLICIES key), `scan` (layers as one lax.scan) and `attention_implementation`.
+    """
+    cfg: dict
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan: bool = True
+    attention_implementation: str = "xla"
+
+    # Variants replace these (class attributes, not constructor options).
+    attention_cls = Attention
+    transformer_cls = Transformer
+
+    def layout(self, length: int, interleaved: bool, cache_index):
+        """Hook: (positions [T], mask [T, T] or None for causal) of the input."""
+        if interleaved:
+            raise ValueError(f"{self.cfg['model_type']} has no interleaved layout")
+        return jnp.arange(length) + cache_index, None
+
+    @nn.compact
+    def __call__(self, input_ids, *, interleaved: bool = False, deterministic: bool = True,
+                 cache: Cache = None, cache_index=0, return_hidden: bool = False):
+        """`return_hidden` gives the final hidden states [B, T, d] (compute dtype) instead of
+        logits, for losses that apply the head chunk by chunk (`ops.chunked_cross_entropy`)."""
+        positions, mask = self.layout(input_ids.shape[1], interleaved, cache_index)
+        transformer = self.transformer_cls(self.cfg, self.attention_cls, self.dtype, self.remat, self.scan,
+                                           self.attention_implementation, name="transformer")
+        hidden, cache = transformer(input_ids, positions, mask, cache, cache_index, deterministic)
+        out = hidden if return_hidden else transformer.head(hidden)
+        return out if cache is None else (out, cache)
+
+    def init_cache(self, batch: int, size: int, dtype=jnp.float32):
+        cfg = self.cfg
+        shape = (cfg["n_layer"], batch, size, cfg["n_head"], head_dim(cfg))
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+VARIANT = Variant(
+    model_type="gpt2",
+    lm_class=GPT2LMHeadModel,
+    architecture="GPT2LMHeadModel",
+    experiments={"gpt2-medium-wikitext": {}},  # also the names of the gpt2-small smoke test
+)

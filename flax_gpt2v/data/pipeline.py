@@ -135,7 +135,10 @@ class DataSpec:
         elif source == "tfds":
             if "name" not in dataset:
                 raise DataError("config key 'dataset' with source tfds needs a 'name'")
-            local_paths = (dataset["data_dir"],) if dataset.get("data_dir") else ()
+            # The named dataset's own files (every version, config and split under data_dir/<name>),
+            # not the whole data_dir: a shared TFDS directory holds other datasets too.
+            if dataset.get("data_dir"):
+                local_paths = (os.path.join(dataset["data_dir"], dataset["name"].split(":")[0].split("/")[0]),)
 
         text_column = dataset.pop("text_column", None)
         train_split = dataset.pop("train_split", "train")

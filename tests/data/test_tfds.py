@@ -113,3 +113,19 @@ def test_tfrecord_dataset_without_tensorflow_says_what_to_install(built, tmp_pat
     with pytest.raises(DataError, match="stored as tfrecord.*tensorflow-cpu") as err:
         prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
     assert "\n" not in str(err.value)
+
+
+def test_tfds_cache_key_follows_the_named_dataset_not_the_whole_data_dir(built, tmp_path):
+    """Another dataset written into a shared data_dir keeps the cache; a change to this dataset's
+    own files rebuilds it."""
+    data = tmp_path / "data"
+    shutil.copytree(built / "data", data)
+    cfg = {**config(built, "two_splits"), "dataset": {**config(built, "two_splits")["dataset"], "data_dir": str(data)}}
+    cache, lines = str(tmp_path / "cache"), []
+    assert not prepare_data(cfg, cache, log=lines.append).cache_hit
+    (data / "some_other_dataset" / "1.0.0").mkdir(parents=True)
+    (data / "some_other_dataset" / "1.0.0" / "shard-00000").write_bytes(b"x" * 100)
+    assert prepare_data(cfg, cache, log=lines.append).cache_hit
+    info = data / tfds_tiny_text.NAME / "two_splits" / "1.0.0" / "dataset_info.json"
+    info.write_text(info.read_text() + " ")
+    assert not prepare_data(cfg, cache, log=lines.append).cache_hit

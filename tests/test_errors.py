@@ -344,6 +344,16 @@ def test_trainer_read_only_output_dir():
         shutil.rmtree(root)
 
 
+def test_readme_option_table_is_generated():
+    # The README's table is `python -m flax_gpt2v.training.options --markdown`'s output, so it cannot drift.
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    table = readme.split("<!-- options table: begin -->\n", 1)[1].split("\n<!-- options table: end -->", 1)[0]
+    p = subprocess.run([sys.executable, "-m", "flax_gpt2v.training.options", "--markdown"], capture_output=True,
+                       text=True, cwd=ROOT, env=QUIET)
+    assert p.returncode == 0 and table == p.stdout.rstrip("\n") == options.markdown_table()
+
+
 def test_train_help_lists_every_option_once(capsys):
     # Every key the trainer reads has its line: a new option without one fails here.
     read = TRAINING_KEYS - options.IGNORED_KEYS

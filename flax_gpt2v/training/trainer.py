@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt2v.config import ConfigError
+from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
@@ -89,6 +90,12 @@ class Throughput:
         self.mark, self.since, self.paused = now, 0, 0.0
         return tps
 
+    def count(self, tokens: int) -> None:
+        self.since += tokens
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
     @property
     def rate(self) -> float | None:
         return self.tokens / self.seconds if self.seconds else None
@@ -143,8 +150,6 @@ class Run:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
 
     def _prepare_data(self, model_cfg):
-        from flax_gpt2v.data import pipeline as data
-
         keys = self.train_keys
         cache_dir = keys.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "flax_gpt2v")
         return data.prepare_data({**keys, "block_size": self.opts.block_size, "model_type": model_cfg["model_type"]},
@@ -164,8 +169,6 @@ class Run:
         return saved_run
 
     def _setup_schedule(self) -> None:
-        from flax_gpt2v.data import pipeline as data
-
         opts = self.opts
         num_blocks = len(self.prepared.train)
         if num_blocks < self.batch_size:
@@ -251,14 +254,12 @@ class Run:
         return self.done % every == 0 or self.done == self.total
 
     def step(self, step: int) -> dict:
-        from flax_gpt2v.data import pipeline as data
-
         local = data.make_batch(self.prepared.train, self.batches.indices(step), self.model_cfg)
         batch = global_batch(local, self.batch_sharding)
         self.seq_len = batch["input_ids"].shape[1]
         self.state, metrics = self.train_step(self.state, batch)
         self.done = step + 1
-        self.throughput.since += batch["input_ids"].size
+        self.throughput.count(batch["input_ids"].size)
         return metrics
 
     def diverged(self, m, step: int) -> tuple[int, int] | None:
@@ -282,8 +283,6 @@ class Run:
 
     def evaluate(self) -> dict:
         """The eval metrics of the current parameters ({} without validation blocks), logged."""
-        from flax_gpt2v.data import pipeline as data
-
         validation = self.prepared.validation
         if validation is None or len(validation) == 0:
             return {}
@@ -313,7 +312,7 @@ class Run:
                     meta["stopped"] = True
                     self.log(f"early stopping at step {self.done}: eval loss has not improved on "
                              f"{meta['best_eval_loss']:.4f} for {meta['bad_evals']} evaluations")
-        self.throughput.paused += time.perf_counter() - eval_start  # evaluation is not training throughput
+        self.throughput.pause(time.perf_counter() - eval_start)  # evaluation is not training throughput
 
     def save(self, step: int) -> None:
         # A step inside a run of non-finite ones is not checkpointed: the newest checkpoint is always

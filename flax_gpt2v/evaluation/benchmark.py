@@ -60,7 +60,7 @@ SIZES = {
     "small": dict(n_layer=6, n_embd=384, n_head=6),
     "gpt2-medium": dict(PRESETS["gpt2-medium"]),
 }
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the checkout's configs/, beside flax_gpt2v/
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 0.01, 1.0
 PROFILE_TOP = 10  # ops listed per side with --profile
 

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import flax_gpt2v as fg
 from flax_gpt2v.training import sharding
+from flax_gpt2v.training import trainer as tr
 from flax_gpt2v.training.schedule import adamw
 from flax_gpt2v.config import ConfigError
 

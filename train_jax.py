@@ -3,7 +3,7 @@
 Any config key can be overridden (`--max_steps 40`, `--output_dir runs/demo`,
 `--mesh.fsdp 4`); values are parsed as JSON when possible, and `--key null`
 removes a key (its default applies). Rerunning with the
-same output_dir resumes from its last checkpoint. See flax_gpt2v/train.py.
+same output_dir resumes from its last checkpoint. See flax_gpt2v/training/trainer.py.
 """
 import json
 import sys
@@ -12,17 +12,13 @@ from flax_gpt2v.cli import run_cli
 
 
 def help_text() -> str:
-    from flax_gpt2v.training.trainer import DATA_HELP, DEFAULTS, IGNORED_KEYS, OPTION_HELP
+    from flax_gpt2v.training.options import IGNORED_KEYS, SECTIONS
 
-    def rows(items):
-        return [f"  --{key} {value}\n      {meaning}" for key, value, meaning in items]
-
-    return "\n".join([
-        f"usage: python train_jax.py --config FILE [--KEY VALUE ...]\n\n{__doc__.split(chr(10), 1)[1].strip()}",
-        "\ntrainer options (--KEY DEFAULT, then what it does):",
-        *rows((k, json.dumps(DEFAULTS.get(k)), meaning) for k, meaning in OPTION_HELP.items()),
-        "\ndata options:",
-        *rows((k, default, meaning) for k, (default, meaning) in DATA_HELP.items()),
+    lines = [f"usage: python train_jax.py --config FILE [--KEY VALUE ...]\n\n{__doc__.split(chr(10), 1)[1].strip()}"]
+    for title, rows in SECTIONS:
+        heading = f"{title} (--KEY DEFAULT, then what it does)" if title == "trainer options" else title
+        lines += [f"\n{heading}:", *(f"  --{key} {shown}\n      {meaning}" for key, shown, meaning in rows)]
+    return "\n".join(lines + [
         "\nmodel keys (model_type, n_layer, n_embd, ...; README, docs/gpt2.md, docs/variants) are overridden the same way.",
         "--KEY null removes KEY from the config, so that its default applies (e.g. --dataset null).",
         "accepted, no effect here (named once in the log): " + ", ".join(sorted(IGNORED_KEYS)),
@@ -31,7 +27,8 @@ def help_text() -> str:
 
 def _main(argv: list[str]) -> int:
     from flax_gpt2v.training.run_guard import RunStopped
-    from flax_gpt2v.training.trainer import parse_cli, train
+    from flax_gpt2v.training.options import parse_cli
+    from flax_gpt2v.training.trainer import train
 
     if "--help" in argv or "-h" in argv:
         print(help_text())

@@ -62,7 +62,9 @@ HF_MUST_BE = {
 }
 
 # Keys of the original's experiment files (and of our train configs). They do not
-# describe the model; `split_config` hands them to the trainer.
+# describe the model; `split_config` hands them to the trainer. The trainer describes each one
+# (flax_gpt2v/training/options.py); this set must equal its TRAINER_KEYS, which a test checks:
+# config sits below training (and below JAX) and cannot import it.
 TRAINING_KEYS = {
     "run_name", "dataset", "model_name_or_path", "config_name", "model_name", "tokenizer_name",
     "per_device_train_batch_size", "per_device_eval_batch_size", "batch_size",

@@ -3,7 +3,7 @@
 `python benchmark.py --config configs/dd-both.json --size small --seq 256 --batch 8` (see
 `python benchmark.py --help`). Both sides train the same model on the same batch and targets:
 
-- JAX: `train.jit_train_step` (the trainer's step) on a one-device mesh, AdamW from `schedule`.
+- JAX: `training.steps.jit_train_step` (the trainer's step) on a one-device mesh, AdamW from `schedule`.
 - PyTorch: the twin from `torch_twins`, trained the way the original trained with HF Trainer:
   `torch.optim.AdamW` (fused on CUDA), bf16 autocast over fp32 weights, SDPA attention,
   gradient checkpointing with `--remat`, dropout on, grad-norm clipping at 1.0.
@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -38,7 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2v.evaluation import profiling
-from flax_gpt2v.training import sharding, trainer as train
+from flax_gpt2v.training import sharding
+from flax_gpt2v.training.options import TrainOptions
+from flax_gpt2v.training.steps import (eval_loop, flops_per_token, init_state, jit_train_step, make_eval_step,
+                                       peak_flops)
 from flax_gpt2v.cli import ArgumentParser, run_cli
 from flax_gpt2v.config import PRESETS, TRAINING_KEYS, ConfigError, read_json
 from flax_gpt2v.models import load_config
@@ -157,10 +161,10 @@ class JaxSide:
         # Attention dropout has no fused kernel in JAX: training takes the explicit path then.
         self.train_attention = "explicit" if work.cfg["attn_pdrop"] > 0 else self.attention
         self.module = build_model(work.cfg, dtype=dtype, **build_options)
-        self.state, shardings = train.init_state(build_model(work.cfg), tx, mesh, seed)
+        self.state, shardings = init_state(build_model(work.cfg), tx, mesh, seed)
         self.batch = jax.device_put({"input_ids": work.input_ids, "targets": work.targets},
                                     sharding.batch_sharding(mesh))
-        step = train.jit_train_step(self.module, tx, schedule, mesh, shardings, accum=1, seed=seed,
+        step = jit_train_step(self.module, tx, schedule, mesh, shardings, accum=1, seed=seed,
                                     interleaved=work.interleaved)
         start = time.perf_counter()
         self.step = step.lower(self.state, self.batch).compile()
@@ -181,12 +185,11 @@ class JaxSide:
     def forward(self, steps: int) -> float:
         if self.eval_step is None:
             start = time.perf_counter()
-            step = jax.jit(train.make_eval_step(self.module, interleaved=self.work.interleaved))
+            step = jax.jit(make_eval_step(self.module, interleaved=self.work.interleaved))
             self.eval_step = step.lower(self.state["params"], self.batch).compile()
             self.forward_compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        out = [self.eval_step(self.state["params"], self.batch) for _ in range(steps)]
-        jax.block_until_ready(out)
+        eval_loop(self.eval_step, self.state["params"], itertools.repeat(self.batch, steps))
         return time.perf_counter() - start
 
     def profile(self, steps: int, directory: Path) -> list[dict]:
@@ -212,7 +215,7 @@ class JaxSide:
                 "first_step_s": self.first_step_s, "forward_compile_s": self.forward_compile_s}
 
     def peak_flops(self) -> float | None:
-        return train.peak_flops(self.device)
+        return peak_flops(self.device)
 
 
 class TorchSide:
@@ -323,7 +326,7 @@ class TorchSide:
                 "allow_tf32": bool(self.torch.backends.cuda.matmul.allow_tf32)}
 
     def peak_flops(self) -> float | None:
-        return train.peak_flops(SimpleNamespace(device_kind=self.device_name())) if self.cuda else None
+        return peak_flops(SimpleNamespace(device_kind=self.device_name())) if self.cuda else None
 
     def release(self):
         """Hand the cached blocks back, so that the next config's JAX side has the memory."""
@@ -338,7 +341,7 @@ class TorchSide:
 def benchmark(work: Workload, args) -> dict:
     tag = f"[{work.name}]"
     num_params = count_params(work.cfg)  # as exported: no vocabulary padding rows
-    fpt = train.flops_per_token(work.cfg, num_params, work.length)
+    fpt = flops_per_token(work.cfg, num_params, work.length)
     sides = []
     if not args.torch_only:
         log(f"{tag} jax: building and compiling the train step")
@@ -547,11 +550,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing (the original trained with it)")
     p.add_argument("--jax-remat-policy", choices=[r for r in REMAT_POLICIES if r != "none"],
-                   default=train.DEFAULTS["remat_policy"], help="JAX remat policy with --remat (as the trainer's)")
-    p.add_argument("--jax-scan", action=argparse.BooleanOptionalAction, default=train.DEFAULTS["scan_layers"],
+                   default=TrainOptions.remat_policy, help="JAX remat policy with --remat (as the trainer's)")
+    p.add_argument("--jax-scan", action=argparse.BooleanOptionalAction, default=TrainOptions.scan_layers,
                    help="JAX layers as one lax.scan (as the trainer's scan_layers)")
     p.add_argument("--jax-attention", choices=ATTENTION_IMPLEMENTATIONS,
-                   default=train.DEFAULTS["attention_implementation"], help="JAX attention implementation")
+                   default=TrainOptions.attention_implementation, help="JAX attention implementation")
     p.add_argument("--steps", type=positive, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=positive, default=3, help="timed rounds per side (alternating)")
     p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps per side after the first")

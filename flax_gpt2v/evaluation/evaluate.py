@@ -1,8 +1,8 @@
 """Evaluation: metrics of a checkpoint on validation text, comparison of runs, and sampling.
 
-`evaluate_lm(lm, blocks, batch_size)` runs the trainer's own eval step
-(`train.make_eval_step`) over `data.eval_batches` and turns the summed
-(nll, count, correct) into metrics with `train.eval_metrics`, so the numbers are
+`evaluate_lm(lm, blocks, batch_size)` runs the trainer's own eval step and eval loop
+(`training.steps.make_eval_step`, `eval_loop`) over `data.eval_batches` and turns the summed
+(nll, count, correct) into metrics with `steps.eval_metrics`, so the numbers are
 the ones training logs. `compare_runs(dirs)` reads each run's metrics.jsonl.
 The CLI is `eval_jax.py`.
 """
@@ -24,9 +24,9 @@ from flax_gpt2v.config import read_json
 from flax_gpt2v.lm import LM, load
 from flax_gpt2v.models import VARIANTS, variant_of
 from flax_gpt2v.data.tokenizer import Tokenizer
-from flax_gpt2v.training.trainer import SUMMARY, eval_metrics, make_eval_step
+from flax_gpt2v.training.run_files import RUN_CONFIG, SUMMARY
+from flax_gpt2v.training.steps import eval_loop, eval_metrics, make_eval_step
 
-RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 
 
@@ -137,17 +137,10 @@ def validation_blocks(cfg: dict, tokenizer: Tokenizer | None, cache_dir: str,
 
 # ---------------------------------------------------------------- evaluation
 
-def _sums(step, blocks, batch_size: int, model_cfg: dict, progress: bool, desc: str) -> dict:
-    from tqdm.auto import tqdm
-
-    sums: dict[str, np.ndarray] = {}
-    n_batches = math.ceil(len(blocks) / batch_size)
-    for batch in tqdm(data.eval_batches(blocks, batch_size, model_cfg), total=n_batches, desc=desc,
-                      disable=not progress, unit="batch"):
-        out = jax.device_get(step({k: jnp.asarray(v) for k, v in batch.items()}))
-        for group, values in out.items():
-            sums[group] = sums.get(group, 0) + np.asarray(values, np.float64)
-    return sums
+def _sums(step, params, blocks, batch_size: int, model_cfg: dict, progress: bool, desc: str) -> dict:
+    batches = ({k: jnp.asarray(v) for k, v in batch.items()}
+               for batch in data.eval_batches(blocks, batch_size, model_cfg))
+    return eval_loop(step, params, batches, total=math.ceil(len(blocks) / batch_size), progress=progress, desc=desc)
 
 
 def _named(metrics: dict, sums: dict, group: str, prefix: str) -> dict:
@@ -173,21 +166,19 @@ def evaluate_lm(lm: LM, blocks: np.ndarray, batch_size: int = 8, *, duo_loss: st
         raise EvalError(f"token id {int(np.max(blocks))} is outside the model's vocabulary of "
                         f"{cfg['vocab_size']}: tokenizer and model do not match")
     interleaved = variant_of(cfg).interleaved
-    jitted = jax.jit(make_eval_step(lm.module, interleaved=interleaved))
-
-    def step(batch):
-        return jitted(lm.params, batch)
+    step = jax.jit(make_eval_step(lm.module, interleaved=interleaved))
     if not interleaved:
-        sums = _sums(step, blocks, batch_size, cfg, progress, "eval")
+        sums = _sums(step, lm.params, blocks, batch_size, cfg, progress, "eval")
         return _named(eval_metrics(sums), sums, "", "")
     duo_loss = duo_loss or cfg.get("duo_loss", "dual")
     if duo_loss not in ("dual", "original"):
         raise EvalError(f"--duo_loss must be dual or original, got {duo_loss!r}")
-    sums = _sums(step, blocks, batch_size, {**cfg, "duo_loss": "dual"}, progress, "eval")
+    sums = _sums(step, lm.params, blocks, batch_size, {**cfg, "duo_loss": "dual"}, progress, "eval")
     m = eval_metrics(sums)
     out = {**_named(m, sums, "next_", ""), **_named(m, sums, "fill_", "fill_"), **_named(m, sums, "", "dual_")}
     if duo_loss == "original":
-        sums = _sums(step, blocks, batch_size, {**cfg, "duo_loss": "original"}, progress, "eval (original loss)")
+        sums = _sums(step, lm.params, blocks, batch_size, {**cfg, "duo_loss": "original"}, progress,
+                     "eval (original loss)")
         out.update(_named(eval_metrics(sums), sums, "", "original_"))
     return out
 

@@ -6,6 +6,7 @@ or file, and every file that existed before unchanged (hashed before and after).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -23,7 +24,7 @@ import safetensors.numpy
 
 import eval_jax
 import train_jax
-from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.training import options
 from flax_gpt2v.evaluation.benchmark import main as benchmark_main
 from flax_gpt2v.hf.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native
 from flax_gpt2v.cli import run_cli
@@ -391,16 +392,27 @@ def test_trainer_read_only_output_dir():
         shutil.rmtree(root)
 
 
+def test_readme_option_table_is_generated():
+    # The README's table is `python -m flax_gpt2v.training.options --markdown`'s output, so it cannot drift.
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    table = readme.split("<!-- options table: begin -->\n", 1)[1].split("\n<!-- options table: end -->", 1)[0]
+    p = subprocess.run([sys.executable, "-m", "flax_gpt2v.training.options", "--markdown"], capture_output=True,
+                       text=True, cwd=ROOT, env=QUIET)
+    assert p.returncode == 0 and table == p.stdout.rstrip("\n") == options.markdown_table()
+
+
 def test_train_help_lists_every_option_once(capsys):
     # Every key the trainer reads has its line: a new option without one fails here.
-    read = TRAINING_KEYS - tr.IGNORED_KEYS
-    assert set(tr.OPTION_HELP) | set(tr.DATA_HELP) == read and set(tr.DEFAULTS) <= set(tr.OPTION_HELP)
+    read = TRAINING_KEYS - options.IGNORED_KEYS
+    described = [key for _, rows in options.SECTIONS for key, _, _ in rows]
+    assert sorted(described) == sorted(read)
     assert train_jax.main(["--help"]) == 0
     out = capsys.readouterr().out
     for key in read:
         assert out.count(f"  --{key} ") == 1, key
-    for key, default in tr.DEFAULTS.items():
-        assert f"  --{key} {json.dumps(default)}\n      {tr.OPTION_HELP[key]}" in out
+    for f in dataclasses.fields(options.TrainOptions):
+        assert f"  --{f.name} {json.dumps(options.default_of(f))}\n      {f.metadata['help']}" in out
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--help"], capture_output=True,
                        text=True, cwd=ROOT, env=QUIET)
     assert p.returncode == 0 and p.stdout.strip() == out.strip()

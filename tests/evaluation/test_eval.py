@@ -193,3 +193,11 @@ def test_errors_cli(setup):
                            text=True, cwd=ROOT)
         assert p.returncode == 2
         assert p.stderr.strip().splitlines()[-1].startswith("error: ") and message in p.stderr
+
+
+def test_evaluation_does_not_import_the_trainer():
+    # eval_jax.py and benchmark.py run the trainer's steps (training.steps), never its loop.
+    script = ("import sys, eval_jax, benchmark, flax_gpt2v.evaluation.evaluate, flax_gpt2v.evaluation.benchmark; "
+              "print(sorted(m for m in sys.modules if m == 'flax_gpt2v.training.trainer'))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

@@ -1,5 +1,6 @@
 """The original's experiment files (docs/experiments.md) run unchanged, and its data preparation (docs/training.md)
 matches what `datasets` + run_clm's `group_texts` give. Local data only."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from huggingface_hub import constants
 import train_jax
 from flax_gpt2v.data import pipeline as data, tokenizer
 from flax_gpt2v.training import original_experiments as oe
-from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.training import options
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from flax_gpt2v.data.pipeline import map_batch_starts, prepare_data
 from helpers import ROOT
@@ -158,31 +159,31 @@ EVERY_KEY_FILE = {
 
 def test_a_file_with_every_spec9_key_loads():
     notes = []
-    _, cfg, opts, train = tr.load_run_config(EVERY_KEY_FILE, notes=notes)
+    _, cfg, opts, train = options.load_run_config(EVERY_KEY_FILE, notes=notes)
     assert opts.block_size == 512  # min(block_size, max_seq_length)
     assert opts.per_device_train_batch_size == 64  # batch_size 40000 is the grouping batch, not this
     assert train["batch_size"] == 40000
-    line = oe.no_effect_line(k for k in train if k in tr.IGNORED_KEYS)
+    line = oe.no_effect_line(k for k in train if k in options.IGNORED_KEYS)
     for key in ("device_map", "use_cpu", "should_log", "torch_empty_cache_steps", "do_train", "do_eval",
                 "include_for_metrics", "use_fast_tokenizer", "tokenizer_file", "model_revision", "keep_in_memory",
                 "load_best_model_at_end", "overwrite_output_dir"):
         assert line.count(key) == 1, key
     # Every training key is judged: honoured (trainer option or data key), checked, or named as no effect.
-    judged = set(tr.DEFAULTS) | tr.DATA_KEYS | tr.IGNORED_KEYS | set(oe.ONLY_VALUES) | {"hub_token"}
-    assert TRAINING_KEYS <= judged, TRAINING_KEYS - judged
+    assert TRAINING_KEYS == options.TRAINER_KEYS, TRAINING_KEYS ^ options.TRAINER_KEYS
+    assert set(oe.ONLY_VALUES) <= {f.name for f in dataclasses.fields(options.AcceptedOptions)}
     with pytest.raises(ConfigError, match="'eval_strategy'"):
-        tr.load_run_config({**EVERY_KEY_FILE, "eval_strategy": "epoch"})
+        options.load_run_config({**EVERY_KEY_FILE, "eval_strategy": "epoch"})
     with pytest.raises(ConfigError, match="'max_seq_length'"):
-        tr.load_run_config({**EVERY_KEY_FILE, "model_type": "gpt2", "max_seq_length": 2048, "block_size": 4096,
+        options.load_run_config({**EVERY_KEY_FILE, "model_type": "gpt2", "max_seq_length": 2048, "block_size": 4096,
                             "n_positions": 1024})
 
 
 def test_override_null_removes_a_key():
     raw = {"dataset": {"path": "wikitext", "name": "w"}, "train_files": [], "block_size": 8}
-    out = tr.apply_overrides(raw, {"dataset": None, "train_file": "a.txt", "mesh.fsdp": None, "block_size": None})
+    out = options.apply_overrides(raw, {"dataset": None, "train_file": "a.txt", "mesh.fsdp": None, "block_size": None})
     assert out == {"train_files": [], "train_file": "a.txt"}
-    assert tr.apply_overrides(raw, {"dataset.name": None})["dataset"] == {"path": "wikitext"}
-    _, over = tr.parse_cli(["--config", "x.json", "--dataset", "null"])
+    assert options.apply_overrides(raw, {"dataset.name": None})["dataset"] == {"path": "wikitext"}
+    _, over = options.parse_cli(["--config", "x.json", "--dataset", "null"])
     assert over == {"dataset": None}
 
 
@@ -190,30 +191,30 @@ def test_original_experiments_supply_their_code_version_and_explicit_keys_win():
     lr_norm = {"model_type": "rotating-head-gpt2", "rotatinghead": "lr",
                "hub_model_id": "BluebrainAI/rotating-head-lr-norm-gpt2-medium-wikitext"}
     notes = []
-    _, cfg, _, _ = tr.load_run_config(lr_norm, notes=notes)
+    _, cfg, _, _ = options.load_run_config(lr_norm, notes=notes)
     assert cfg["use_norm"] is True and len(notes) == 1 and "use_norm=true" in notes[0]
     notes = []
-    _, cfg, _, _ = tr.load_run_config(lr_norm, {"use_norm": False}, notes=notes)
+    _, cfg, _, _ = options.load_run_config(lr_norm, {"use_norm": False}, notes=notes)
     assert cfg["use_norm"] is False and notes == []
-    _, cfg, _, _ = tr.load_run_config({**lr_norm, "hub_model_id": None,
+    _, cfg, _, _ = options.load_run_config({**lr_norm, "hub_model_id": None,
                                        "run_name": "rotating-head-gp-gpt2-medium-wikitext"})
     assert cfg["use_norm"] is False
     duo = {"model_type": "duo-predict-gpt2", "run_name": "duo-predict-gpt2-medium-wikitext", "block_size": 256}
-    _, cfg, opts, _ = tr.load_run_config(duo)
+    _, cfg, opts, _ = options.load_run_config(duo)
     assert (cfg["duo_loss"], cfg["n_positions"], opts.block_size) == ("original", 256, 256)
     small = {"model_type": "gpt2", "run_name": "gpt2-medium-wikitext", "block_size": 8192, "max_seq_length": 8192}
     notes = []
-    _, cfg, opts, _ = tr.load_run_config(small, notes=notes)
+    _, cfg, opts, _ = options.load_run_config(small, notes=notes)
     assert (cfg["n_positions"], opts.block_size) == (8192, 8192) and "could not run" in notes[0]
-    assert tr.load_run_config({**small, "block_size": 1024}, notes=(notes := []))[1]["n_positions"] == 1024
+    assert options.load_run_config({**small, "block_size": 1024}, notes=(notes := []))[1]["n_positions"] == 1024
     assert notes == []
     # Not one of the original's runs: nothing supplied, but duo-predict's positions follow its blocks in
     # every run, as the original's duo code set them; a given n_positions wins.
-    _, cfg, _, _ = tr.load_run_config({**duo, "run_name": "mine"})
+    _, cfg, _, _ = options.load_run_config({**duo, "run_name": "mine"})
     assert (cfg["duo_loss"], cfg["n_positions"]) == ("dual", 256)
-    assert tr.load_run_config({"model_type": "duo-predict-gpt2", "max_seq_length": 1024})[1]["n_positions"] == 1024
-    assert tr.load_run_config({**duo, "run_name": "mine", "n_positions": 512})[1]["n_positions"] == 512
-    assert tr.load_run_config({"model_type": "duo-predict-gpt2"})[1]["n_positions"] == 512
+    assert options.load_run_config({"model_type": "duo-predict-gpt2", "max_seq_length": 1024})[1]["n_positions"] == 1024
+    assert options.load_run_config({**duo, "run_name": "mine", "n_positions": 512})[1]["n_positions"] == 512
+    assert options.load_run_config({"model_type": "duo-predict-gpt2"})[1]["n_positions"] == 512
 
 
 # ---------------------------------------------------------------- the files themselves
@@ -239,7 +240,7 @@ def test_original_file_runs_unchanged(name, tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     no_effect = [line for line in lines if line.startswith("config keys with no effect here:")]
     assert len(no_effect) == 1, lines
-    for key in sorted(set(original) & tr.IGNORED_KEYS):
+    for key in sorted(set(original) & options.IGNORED_KEYS):
         assert no_effect[0].count(key) == 1, key
     with open(tmp_path / "run" / "run_config.json") as f:
         run = json.load(f)

@@ -24,7 +24,7 @@ import flax_gpt2v as fg
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.training import pretrained
-from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.training import options, trainer as tr
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.hf.keymap import flatten_params, torch_to_flax_params
 from helpers import (FP32_TOL, ROOT, TESTS, TINY, corpus, openai_config, read_metrics, reference_gpt2, save_layout,
@@ -81,7 +81,7 @@ def test_step_zero_is_the_transformers_checkpoint(tmp_path):
     first = next(m for m in read_metrics(out) if m["step"] == 1)
     assert first["loss"] == pytest.approx(expected, rel=LOSS_RTOL)
 
-    cfg = tr.load_run_config(cfg_from(ckpt, out, vocab_size=257))[1]
+    cfg = options.load_run_config(cfg_from(ckpt, out, vocab_size=257))[1]
     params = pretrained.initial_params({"model_name_or_path": str(ckpt)}, cfg, fg.init(cfg, seed=1).params, 0,
                                        lambda m: None)
     state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -103,7 +103,7 @@ def test_gpt2_checkpoint_into_a_variant(variant, tmp_path):
         keys["bottleneck_method"] = "concat"
     ckpt = tmp_path / "gpt2"
     hf_gpt2(ckpt)
-    cfg = tr.load_run_config(cfg_from(ckpt, tmp_path / "run", model_type=model_type, vocab_size=257, **keys))[1]
+    cfg = options.load_run_config(cfg_from(ckpt, tmp_path / "run", model_type=model_type, vocab_size=257, **keys))[1]
     assert {k: cfg[k] for k in keys} == keys
     fresh = fg.init(cfg, seed=3).params
     lines = []
@@ -139,7 +139,7 @@ def test_a_checkpoint_parameter_is_never_dropped(source, target, lost, tmp_path)
     fg.init({**TINY, "vocab_size": 257, **source}).save(ckpt)  # a native checkpoint
     cfg = {**cfg_from(ckpt, tmp_path / "run", model_type=source["model_type"]), **target}
     with pytest.raises(ConfigError, match=f"config key 'model_type': .*{lost}.*never drop any") as e:
-        tr.load_run_config(cfg)
+        options.load_run_config(cfg)
     assert "\n" not in str(e.value)
 
 
@@ -155,7 +155,7 @@ def test_a_variant_without_parameters_of_its_own_starts_only_its_own_type(source
     cfg = cfg_from(ckpt, tmp_path / "run", **target)
     with pytest.raises(ConfigError, match=f"config key 'model_type': a {source['model_type']} checkpoint .* "
                                           "starts only a") as e:
-        tr.load_run_config(cfg)
+        options.load_run_config(cfg)
     assert "\n" not in str(e.value)
 
 
@@ -165,7 +165,7 @@ def test_same_variant_keeps_the_checkpoints_variant_keys(tmp_path):
              "use_norm": True, "base_frequency": 500.0}).save(ckpt)
     cfg = {k: v for k, v in cfg_from(ckpt, tmp_path / "run", model_type="gpt2").items()
            if k not in ("model_type", "n_layer")}
-    model_cfg = tr.load_run_config(cfg)[1]
+    model_cfg = options.load_run_config(cfg)[1]
     assert (model_cfg["model_type"], model_cfg["rotatinghead"], model_cfg["use_norm"],
             model_cfg["base_frequency"]) == ("rotating-head-gpt2", "lr", True, 500.0)
 
@@ -179,16 +179,16 @@ def test_contradicting_size_names_the_key(override, key, tmp_path):
     ckpt = tmp_path / "gpt2"
     hf_gpt2(ckpt)
     cfg = {k: v for k, v in cfg_from(ckpt, tmp_path / "run").items() if k not in TINY or k.endswith("pdrop")}
-    assert tr.load_run_config({**cfg, "n_inner": 4 * TINY["n_embd"]})[1]["n_layer"] == TINY["n_layer"]
+    assert options.load_run_config({**cfg, "n_inner": 4 * TINY["n_embd"]})[1]["n_layer"] == TINY["n_layer"]
     with pytest.raises(ConfigError, match=f"^config key '{key}': .* contradicts the checkpoint {ckpt}"):
-        tr.load_run_config({**cfg, **override})
+        options.load_run_config({**cfg, **override})
 
 
 def test_config_name_is_a_preset_for_training_from_scratch():
-    cfg = tr.load_run_config({"config_name": "gpt2", "model_type": "dd-gpt2"})[1]
+    cfg = options.load_run_config({"config_name": "gpt2", "model_type": "dd-gpt2"})[1]
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == (12, 768, 12)
     with pytest.raises(ConfigError, match="config key 'config_name': unknown preset 'gpt3'"):
-        tr.load_run_config({"config_name": "gpt3"})
+        options.load_run_config({"config_name": "gpt3"})
     # The project's experiment files train from scratch at gpt2-medium's sizes, as the original did.
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         raw = json.load(open(os.path.join(ROOT, "configs", name)))
@@ -217,16 +217,16 @@ def test_cached_hub_id_resolves_offline_with_its_tokenizer(tmp_path, monkeypatch
     snapshot = _hub_cache(tmp_path / "hub", "org/tiny-gpt2", ckpt)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    model_raw, cfg, _, train = tr.load_run_config({"model_name_or_path": "org/tiny-gpt2"})
+    model_raw, cfg, _, train = options.load_run_config({"model_name_or_path": "org/tiny-gpt2"})
     assert (cfg["model_type"], cfg["n_layer"], cfg["n_embd"], cfg["n_positions"]) == ("gpt2", 2, 32, 64)
     assert train["tokenizer_name"] == str(snapshot)
-    assert tr.load_run_config({"model_name_or_path": "org/tiny-gpt2",
+    assert options.load_run_config({"model_name_or_path": "org/tiny-gpt2",
                                "tokenizer_name": "gpt2"})[3]["tokenizer_name"] == "gpt2"
     (tmp_path / "train.txt").write_text(texts[0])
     prepared = data.prepare_data({**train, "train_file": str(tmp_path / "train.txt"), "block_size": 16},
                                  str(tmp_path / "cache"), log=lambda m: None)
     assert (prepared.tokenizer.source, prepared.tokenizer.vocab_size) == (str(snapshot), 301)
-    cfg = tr.fit_to_tokenizer(model_raw, train, prepared.tokenizer)
+    cfg = options.fit_to_tokenizer(model_raw, train, prepared.tokenizer)
     lines = []
     params = pretrained.initial_params(train, cfg, fg.init(cfg).params, 0, lines.append)
     assert params["transformer"]["wte"]["embedding"].shape == (384, 32)
@@ -263,7 +263,7 @@ def test_recipe_from_the_published_gpt2_layout(tmp_path, monkeypatch):
     assert (trained.config["n_inner"], trained.config["layer_norm_epsilon"], trained.config["vocab_size"]) == \
         (40, 1e-3, 301)
 
-    cfg = tr.load_run_config({"model_name_or_path": "openai-community/gpt2", "vocab_size": 301})[1]
+    cfg = options.load_run_config({"model_name_or_path": "openai-community/gpt2", "vocab_size": 301})[1]
     params = pretrained.initial_params({"model_name_or_path": "openai-community/gpt2"}, cfg, fg.init(cfg).params,
                                        0, lambda m: None)
     ids = np.random.default_rng(1).integers(0, 300, (2, 24))
@@ -335,8 +335,8 @@ def test_hub_id_downloads_what_training_needs(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("HF_HUB_CACHE", None)
-    script = ("from flax_gpt2v.training import trainer as tr; import json, sys; "
-              "_, cfg, _, t = tr.load_run_config({'model_name_or_path': sys.argv[1]}); "
+    script = ("from flax_gpt2v.training import options; import json, sys; "
+              "_, cfg, _, t = options.load_run_config({'model_name_or_path': sys.argv[1]}); "
               "print(json.dumps([cfg['n_layer'], cfg['n_inner'], t['tokenizer_name']]))")
     with DownloadHub("openai-community/gpt2", src).running() as hub:
         env["HF_ENDPOINT"] = hub.endpoint
@@ -378,7 +378,7 @@ def test_mask_token_rows_as_transformers_resizes(tmp_path):
     exactly the row transformers' resize_token_embeddings gives."""
     ckpt = tmp_path / "gpt2"
     hf_gpt2(ckpt, vocab=256)
-    cfg = tr.load_run_config(cfg_from(ckpt, tmp_path / "run", vocab_size=257))[1]
+    cfg = options.load_run_config(cfg_from(ckpt, tmp_path / "run", vocab_size=257))[1]
     lines = []
     params = pretrained.initial_params({"model_name_or_path": str(ckpt)}, cfg, fg.init(cfg).params, 0,
                                        lines.append)

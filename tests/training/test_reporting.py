@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flax_gpt2v.training import reporting, trainer as tr
+from flax_gpt2v.training import options, reporting, trainer as tr
 from flax_gpt2v.config import ConfigError
 
 import helpers as t
@@ -25,7 +25,7 @@ def test_report_to_values_as_in_hf(value, names):
 @pytest.mark.parametrize("value", ["mlflow", ["none", "wandb"], ["all", "wandb"], 3, [1]])
 def test_report_to_errors_name_the_key(value):
     with pytest.raises(ConfigError, match="config key 'report_to'"):
-        tr.resolve_options({"report_to": value}, {"model_type": "gpt2", "n_positions": 64})
+        options.resolve_options({"report_to": value}, {"model_type": "gpt2", "n_positions": 64})
 
 
 def wandb_records(path):

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import flax_gpt2v as fg
 from flax_gpt2v.training import sharding
 from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.training.schedule import adamw
 from flax_gpt2v.config import ConfigError
 
 import helpers as tt  # (the corpus and the tiny configs)
@@ -47,7 +48,7 @@ def test_rules():
 def test_optimizer_state_follows_its_parameter():
     lm = fg.init({**tt.TINY, "vocab_size": 256})
     mesh = sharding.make_mesh({}, jax.devices()[:1])
-    opt_state = tr.adamw(lambda s: 1e-3, 0.01).init(lm.params)
+    opt_state = adamw(lambda s: 1e-3, 0.01).init(lm.params)
     leaves = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
     # mu and nu, wrappers dropped; the blocks stacked on a leading layer axis.
     assert leaves["transformer/h/layers/mlp/c_fc/kernel"].shape == (tt.TINY["n_layer"], *lm.params["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].shape)
@@ -92,8 +93,8 @@ import jax, jax.numpy as jnp, numpy as np
 import helpers as tt
 import flax_gpt2v as fg
 from flax_gpt2v.data import pipeline as data
-from flax_gpt2v.training import sharding, trainer as tr
-from flax_gpt2v.training.schedule import lr_schedule
+from flax_gpt2v.training import sharding, steps
+from flax_gpt2v.training.schedule import adamw, lr_schedule
 assert len(jax.devices()) == 8
 report = {}
 for model_type in ("gpt2", "parallel-gpt2", "duo-predict-gpt2"):
@@ -104,9 +105,9 @@ for model_type in ("gpt2", "parallel-gpt2", "duo-predict-gpt2"):
     batch = {k: jnp.asarray(v) for k, v in data.make_batch(blocks, np.arange(16), cfg).items()}
     sched = lr_schedule("constant", 1e-3, 0, 10)
     def one_step(mesh):
-        tx = tr.adamw(sched, 0.01)
-        state, shardings = tr.init_state(module, tx, mesh, 0)
-        step = tr.jit_train_step(module, tx, sched, mesh, shardings, accum=1, seed=0,
+        tx = adamw(sched, 0.01)
+        state, shardings = steps.init_state(module, tx, mesh, 0)
+        step = steps.jit_train_step(module, tx, sched, mesh, shardings, accum=1, seed=0,
                                  interleaved=model_type == "duo-predict-gpt2")
         new, m = step(state, batch)
         specs = {"/".join(str(k.key) for k in p): str(x.sharding.spec)

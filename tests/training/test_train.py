@@ -21,7 +21,7 @@ from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from flax_gpt2v.hf.keymap import flatten_params
 from flax_gpt2v.hf.checkpoint import CheckpointError
 from flax_gpt2v.training.schedule import adamw, decay_mask, lr_schedule, stack_layers, unstack_layers
-from flax_gpt2v.training import trainer as tr
+from flax_gpt2v.training import options, run_files, steps, trainer as tr
 from helpers import KILLED_RUN, ROOT, TESTS, TINY, TRAIN_VARIANTS as VARIANTS, corpus, read_metrics, tiny_config
 
 # ---------------------------------------------------------------- optimizer pieces
@@ -53,7 +53,7 @@ def test_duo_eval_step_groups_are_the_full_logits_loss():
     module = fg.build_model(cfg)
     batch = {k: jnp.asarray(v) for k, v in data.make_batch(corpus().train, np.arange(4), cfg).items()}
     params = fg.init(cfg, seed=1).params
-    sums = jax.jit(tr.make_eval_step(module, interleaved=True))(params, batch)
+    sums = jax.jit(steps.make_eval_step(module, interleaved=True))(params, batch)
     logits, t = module.apply({"params": params}, batch["input_ids"], interleaved=True), batch["targets"]
     for group, sl in (("", slice(None)), ("next_", slice(0, None, 2)), ("fill_", slice(1, None, 2))):
         expected = ops.cross_entropy(logits[:, sl], t[:, sl])
@@ -92,8 +92,8 @@ def test_gradient_accumulation_matches_one_big_batch():
         # Plain SGD: the update is lr * gradient, so parameters compare the accumulated gradients.
         # (Adam's first step, g / (|g| + eps), turns rounding in near-zero gradients into O(lr) changes.)
         tx = optax.sgd(sched)
-        state, shardings = tr.init_state(module, tx, mesh, 0)
-        step = tr.jit_train_step(module, tx, sched, mesh, shardings, accum=accum, seed=0, interleaved=False)
+        state, shardings = steps.init_state(module, tx, mesh, 0)
+        step = steps.jit_train_step(module, tx, sched, mesh, shardings, accum=accum, seed=0, interleaved=False)
         results.append(step(state, batch))
     (s1, m1), *others = results
     for s, m in others:
@@ -106,30 +106,30 @@ def test_gradient_accumulation_matches_one_big_batch():
 # ---------------------------------------------------------------- configuration
 
 def test_cli_parsing_and_overrides():
-    path, over = tr.parse_cli(["--config", "configs/x.json", "--max_steps", "40", "--output_dir", "runs/demo",
+    path, over = options.parse_cli(["--config", "configs/x.json", "--max_steps", "40", "--output_dir", "runs/demo",
                                "--mesh.fsdp", "4", "--bf16=false", "--dataset.name", "wikitext-2-raw-v1"])
     assert path == "configs/x.json"
     assert over == {"max_steps": 40, "output_dir": "runs/demo", "mesh.fsdp": 4, "bf16": False,
                     "dataset.name": "wikitext-2-raw-v1"}
-    raw = tr.apply_overrides({"dataset": {"path": "wikitext", "name": "a"}, "mesh": {"data": -1}}, over)
+    raw = options.apply_overrides({"dataset": {"path": "wikitext", "name": "a"}, "mesh": {"data": -1}}, over)
     assert raw["dataset"] == {"path": "wikitext", "name": "wikitext-2-raw-v1"}
     assert raw["mesh"] == {"data": -1, "fsdp": 4}
-    _, _, opts, _ = tr.load_run_config({"model_type": "gpt2", **TINY}, over)
+    _, _, opts, _ = options.load_run_config({"model_type": "gpt2", **TINY}, over)
     assert (opts.max_steps, opts.output_dir, opts.mesh, opts.bf16) == (40, "runs/demo", {"fsdp": 4}, False)
     with pytest.raises(ConfigError, match="--config"):
-        tr.parse_cli(["--max_steps", "3"])
+        options.parse_cli(["--max_steps", "3"])
 
 
 def test_defaults_are_the_original_recipe():
-    _, cfg, opts, _ = tr.load_run_config({"model_type": "gpt2"})
+    _, cfg, opts, _ = options.load_run_config({"model_type": "gpt2"})
     assert (opts.learning_rate, opts.warmup_ratio, opts.weight_decay, opts.num_train_epochs) == (1e-4, 0.1, 0.01, 5.0)
     assert (opts.per_device_train_batch_size, opts.bf16, opts.gradient_checkpointing) == (64, True, True)
     assert (opts.eval_steps, opts.early_stopping_patience, opts.lr_scheduler_type) == (500, 2, "linear")
     assert opts.block_size == 1024
-    assert tr.load_run_config({"model_type": "duo-predict-gpt2"})[2].block_size == 512
-    assert tr.load_run_config({"model_type": "gpt2", "n_positions": 128})[2].block_size == 128
-    assert set(tr.DEFAULTS) <= TRAINING_KEYS  # else split_config would reject them
-    assert {"device_map", "fp16", "tf32", "torch_compile", "torch_empty_cache_steps"} <= tr.IGNORED_KEYS
+    assert options.load_run_config({"model_type": "duo-predict-gpt2"})[2].block_size == 512
+    assert options.load_run_config({"model_type": "gpt2", "n_positions": 128})[2].block_size == 128
+    assert TRAINING_KEYS == options.TRAINER_KEYS  # else split_config would reject them, or keep them from the model
+    assert {"device_map", "fp16", "tf32", "torch_compile", "torch_empty_cache_steps"} <= options.IGNORED_KEYS
 
 
 @pytest.mark.parametrize("cfg, key", [
@@ -143,7 +143,7 @@ def test_defaults_are_the_original_recipe():
 ])
 def test_config_errors_name_the_key(cfg, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        tr.load_run_config(cfg)
+        options.load_run_config(cfg)
 
 
 def test_cli_reports_bad_key_in_one_line(tmp_path):
@@ -198,18 +198,18 @@ def test_what_was_trained_line():
 
     embedded = prepared("embedded corpus: CPython documentation (pydoc_data.topics)", "gpt2", 1032, 62)
     cfg = {"model_type": "rotating-head-gpt2", "n_layer": 4, "n_embd": 128}
-    assert tr.what_was_trained(cfg, 7_241_000, 150, embedded, {"eval_perplexity": 412.345}) == (
+    assert run_files.what_was_trained(cfg, 7_241_000, 150, embedded, {"eval_perplexity": 412.345}) == (
         "trained rotating-head-gpt2 (4 layers, d 128, 7.2M params) for 150 steps on embedded corpus: CPython "
         "documentation (pydoc_data.topics) (132.1K training tokens); eval perplexity 412.3 on 7.9K held-out tokens - "
         "per GPT-2 token, the unit of GPT-2's published perplexities (on this text, not theirs)")
     duo = {"model_type": "duo-predict-gpt2", "n_layer": 2, "n_embd": 32}
     other = prepared("tfds my_texts", "my-tokenizer", 3, 1)
-    assert tr.what_was_trained(duo, 900, 30, other, {"eval_perplexity": 3.0, "eval_next_perplexity": 5.25,
+    assert run_files.what_was_trained(duo, 900, 30, other, {"eval_perplexity": 3.0, "eval_next_perplexity": 5.25,
                                                      "eval_fill_perplexity": 1.75}) == (
         "trained duo-predict-gpt2 (2 layers, d 32, 900 params) for 30 steps on tfds my_texts (384 training tokens); "
         "eval perplexity 3.0 on 128 held-out tokens (next-token 5.2, fill-in 1.8) - per token of the my-tokenizer "
         "tokenizer, not comparable with GPT-2's perplexities")
-    assert tr.what_was_trained(duo, 900, 30, other, None).endswith("(384 training tokens); not evaluated")
+    assert run_files.what_was_trained(duo, 900, 30, other, None).endswith("(384 training tokens); not evaluated")
 
 
 def test_bf16_remat_accumulation_and_hf_export(tmp_path):

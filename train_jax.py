@@ -1,50 +1,8 @@
-"""Train a model: `python train_jax.py --config configs/X.json [--key value ...]`.
-
-Any config key can be overridden (`--max_steps 40`, `--output_dir runs/demo`,
-`--mesh.fsdp 4`); values are parsed as JSON when possible, and `--key null`
-removes a key (its default applies). Rerunning with the
-same output_dir resumes from its last checkpoint. See flax_gpt2v/training/trainer.py.
-"""
-import json
+"""Train a model: `python train_jax.py --config configs/X.json [--key value ...]`; `--help` lists every key
+(flax_gpt2v/cli/train.py)."""
 import sys
 
-from flax_gpt2v.cli import run_cli
-
-
-def help_text() -> str:
-    from flax_gpt2v.training.options import IGNORED_KEYS, SECTIONS
-
-    lines = [f"usage: python train_jax.py --config FILE [--KEY VALUE ...]\n\n{__doc__.split(chr(10), 1)[1].strip()}"]
-    for title, rows in SECTIONS:
-        heading = f"{title} (--KEY DEFAULT, then what it does)" if title == "trainer options" else title
-        lines += [f"\n{heading}:", *(f"  --{key} {shown}\n      {meaning}" for key, shown, meaning in rows)]
-    return "\n".join(lines + [
-        "\nmodel keys (model_type, n_layer, n_embd, ...; README, docs/gpt2.md, docs/variants) are overridden the same way.",
-        "--KEY null removes KEY from the config, so that its default applies (e.g. --dataset null).",
-        "accepted, no effect here (named once in the log): " + ", ".join(sorted(IGNORED_KEYS)),
-    ])
-
-
-def _main(argv: list[str]) -> int:
-    from flax_gpt2v.training.run_guard import RunStopped
-    from flax_gpt2v.training.options import parse_cli
-    from flax_gpt2v.training.trainer import train
-
-    if "--help" in argv or "-h" in argv:
-        print(help_text())
-        return 0
-    config, overrides = parse_cli(argv)
-    try:
-        train(config, overrides)
-    except RunStopped as e:  # a signal (128 + its number) or divergence (3): the run can be resumed
-        print(str(e), file=sys.stderr)
-        return e.status
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    return run_cli(_main, argv)
-
+from flax_gpt2v.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -35,7 +35,7 @@ def test_pip_install_gives_a_package_usable_from_any_directory(tmp_path):
     files = run.stdout.strip().splitlines()[-1]
     assert "modeling_dd_gpt2.py" in files and "model.safetensors" in files
     # The console scripts' entry points, called as pip's generated scripts call them.
-    for entry in ("flax_gpt2v.cli.convert:to_torch", "flax_gpt2v.cli.evaluate:main"):
+    for entry in ("flax_gpt2v.cli.train:main", "flax_gpt2v.cli.convert:to_torch", "flax_gpt2v.cli.evaluate:main"):
         module, func = entry.split(":")
         run = subprocess.run([sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}(['--help']))"],
                              cwd=work, env=env, capture_output=True, text=True)

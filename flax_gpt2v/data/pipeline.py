@@ -5,7 +5,7 @@ Sources (the training config's keys):
   (a Hub name, a packaged builder such as `{path: text, data_files: ...}`, or a
   directory written by `save_to_disk`); other keys go to `load_dataset`.
 - `train_file` / `validation_file`: local .txt/.json/.jsonl/.csv/.parquet files.
-- `dataset: {source: tfds, name: ..., data_dir: ...}`: TensorFlow Datasets (tfds_data.py).
+- `dataset: {source: tfds, name: ..., data_dir: ...}`: TensorFlow Datasets (data/tfds.py).
 - nothing: CPython's bundled documentation (`pydoc_data.topics`), present
   wherever Python is, so a run needs no download.
 - `train_files` (the original's key): a list of local files; empty: use `dataset`.

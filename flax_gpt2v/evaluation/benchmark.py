@@ -4,7 +4,7 @@
 `python benchmark.py --help`). Both sides train the same model on the same batch and targets:
 
 - JAX: `training.steps.jit_train_step` (the trainer's step) on a one-device mesh, AdamW from `schedule`.
-- PyTorch: the twin from `torch_twins`, trained the way the original trained with HF Trainer:
+- PyTorch: the twin from `flax_gpt2v.hf.twins`, trained the way the original trained with HF Trainer:
   `torch.optim.AdamW` (fused on CUDA), bf16 autocast over fp32 weights, SDPA attention,
   gradient checkpointing with `--remat`, dropout on, grad-norm clipping at 1.0.
 

@@ -108,7 +108,7 @@ def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def load_hf_dir(path: str | os.PathLike) -> tuple[dict, dict]:
     """(validated config, nested float32 numpy params) of an HF directory: ours, the original's,
-    or GPT-2 in any published layout (see hf_layouts). The one entry point for reading them."""
+    or GPT-2 in any published layout (see hf/layouts.py). The one entry point for reading them."""
     cfg, state = read_hf_dir(path)
     return cfg, torch_to_flax_params(state, cfg)
 

@@ -2,6 +2,7 @@
 it imports, builds, saves and exports a model (the twins' sources come with it) and its console
 scripts run."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,10 +24,13 @@ print(json.dumps(sorted(os.listdir("hf"))))
 
 @pytest.mark.slow
 def test_pip_install_gives_a_package_usable_from_any_directory(tmp_path):
-    site = tmp_path / "site"
+    # A copy of what a source distribution holds, so the build writes nothing into the checkout.
+    source, site = tmp_path / "source", tmp_path / "site"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "tests", "runs", "build", "*.egg-info",
+                                                                "__pycache__"))
     # --no-deps --no-build-isolation: the dependencies are this environment's, and no network is needed.
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), ROOT], check=True, cwd=tmp_path)
+                    "--target", str(site), str(source)], check=True, cwd=tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}

@@ -1,4 +1,5 @@
-"""model_type -> Flax model class, and the one place that builds a module."""
+"""model_type -> Flax model class, and the one place that builds a module and makes its parameters."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -41,3 +42,20 @@ def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, a
     dtype = dtype or jnp.float32
     return MODEL_CLASSES[cfg["model_type"]](cfg, dtype=dtype, remat=remat, scan=scan,
                                             attention_implementation=attention_implementation(attention, dtype))
+
+
+def _boxed_params(module, key):
+    return module.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(module, key):
+    """Fresh fp32 parameters (plain arrays) of `module`: GPT-2's init (docs/gpt2.md)."""
+    return nn.unbox(_boxed_params(module, key))
+
+
+def param_axes(module) -> dict[str, tuple]:
+    """'/'-joined parameter path -> its logical axis names (one per array axis), as the modules
+    declare them; computed from shapes only."""
+    boxed = jax.eval_shape(lambda key: _boxed_params(module, key), jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda a: isinstance(a, nn.Partitioned))[0]
+    return {"/".join(k.key for k in path): tuple(box.names) for path, box in leaves}

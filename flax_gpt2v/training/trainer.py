@@ -39,7 +39,7 @@ from flax_gpt2v.training import original_experiments, pretrained, reporting, run
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError, block_length, read_json, split_config
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
-from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, build_model
+from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, build_model, init_params, param_axes
 from flax_gpt2v.training.run_checkpoints import RunCheckpoints, quiet_orbax
 from flax_gpt2v.training.schedule import SCHEDULES, adamw, lr_schedule
 
@@ -457,19 +457,18 @@ def eval_metrics(sums: Mapping[str, np.ndarray]) -> dict:
 def init_state(module, tx, mesh, seed: int):
     """(state, state shardings): fp32 parameters initialised like `flax_gpt2v.init(cfg, seed)`,
     created directly in their shards."""
-    dummy = jnp.zeros((1, 1), jnp.int32)
-
     def create(key):
-        params = module.init(key, dummy)["params"]
+        params = init_params(module, key)
         # bad_steps: non-finite steps in a row up to this one; skipped_steps: all of them.
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                 "bad_steps": jnp.zeros((), jnp.int32), "skipped_steps": jnp.zeros((), jnp.int32)}
 
     shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
+    axes = param_axes(module)
     shardings = {"step": sharding.replicated(mesh), "bad_steps": sharding.replicated(mesh),
                  "skipped_steps": sharding.replicated(mesh),
-                 "params": sharding.tree_shardings(shapes["params"], mesh),
-                 "opt_state": sharding.tree_shardings(shapes["opt_state"], mesh, optimizer=True)}
+                 "params": sharding.tree_shardings(shapes["params"], axes, mesh),
+                 "opt_state": sharding.tree_shardings(shapes["opt_state"], axes, mesh, optimizer=True)}
     state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -307,6 +308,17 @@ def test_sigkill_and_resume_is_exact(model_type, tmp_path):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(jax.tree.leaves(fg.load(ref / "best").params), jax.tree.leaves(fg.load(out / "best").params)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_resume_from_a_format_2_run_names_the_format(tmp_path):
+    """A run saved before the layers were stacked (tests/fixtures/orbax-format2: this tiny gpt2 config,
+    2 steps) cannot resume; the one-line error says why."""
+    out = tmp_path / "run"
+    shutil.copytree(os.path.join(ROOT, "tests", "fixtures", "orbax-format2"), out)
+    with pytest.raises(CheckpointError, match=r"no checkpoint is intact .*step 2: .*holds flax_gpt2v_format 2 state; "
+                                              r"this version restores format 3"):
+        tr.train(tiny_config("gpt2", out, max_steps=4, save_steps=2, warmup_steps=1), prepared=corpus(),
+                 log=lambda m: None)
 
 
 def test_resume_from_an_unreadable_checkpoint_is_one_line_error(tmp_path):

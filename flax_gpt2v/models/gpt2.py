@@ -65,11 +65,11 @@ class Attention(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        zeros = nn.initializers.zeros
+        std, zeros = cfg["initializer_range"], nn.initializers.zeros
         # q, k, v come out [B, T, H, Dh] each from one contraction, heads on their own axis: under
         # tensor parallelism no split of a fused [3d] axis has to move data between devices.
         self.c_attn = nn.DenseGeneral((3, cfg["n_head"], head_dim(cfg)), dtype=self.dtype,
-                                      kernel_init=logical(normal(cfg["initializer_range"]), "embed", "qkv", "heads", "kv"),
+                                      kernel_init=logical(normal(std), "embed", "qkv", "heads", "kv"),
                                       bias_init=logical(zeros, "qkv", "heads", "kv"))
         # Row-parallel: contracts the (split) heads, one all-reduce.
         self.c_proj = nn.DenseGeneral(cfg["n_embd"], axis=(-2, -1), dtype=self.dtype,

@@ -5,8 +5,9 @@
     lm = fg.load(path)                # native checkpoint or HF/torch directory
     lm(input_ids), lm.generate(input_ids), lm.save(path)
 """
-from flax_gpt2v.config import ConfigError, load_config
+from flax_gpt2v.config import ConfigError
+from flax_gpt2v.models import load_config
 from flax_gpt2v.lm import LM, init, load
-from flax_gpt2v.models import MODEL_CLASSES, build_model
+from flax_gpt2v.models import VARIANTS, build_model
 
-__all__ = ["ConfigError", "LM", "MODEL_CLASSES", "build_model", "init", "load", "load_config"]
+__all__ = ["ConfigError", "LM", "VARIANTS", "build_model", "init", "load", "load_config"]

@@ -1,17 +1,16 @@
-"""Model configuration: HF `GPT2Config` field names plus the variant keys of docs/variants.
+"""Model configuration: HF `GPT2Config` field names, GPT-2's defaults and checks, the size presets.
 
-`load_config` accepts a dict or a JSON path holding either a model config (ours,
-an HF `config.json`, the original's Hub config) or one of the original's
-experiment files, whose training keys are set aside for the trainer. Every
-value is checked here, once, so the models can trust their config.
+It knows no variant: `normalize` takes the variant's spec (models.variant.Variant) for its keys
+and checks, and `flax_gpt2v.models.load_config` is the entry point that picks it. The config
+may come from a dict or a JSON file holding a model config (ours, an HF `config.json`, the
+original's Hub config) or one of the original's experiment files, whose training keys are set
+aside for the trainer. Every value is checked once, so the models can trust their config.
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Mapping
-
-MODEL_TYPES = ("gpt2", "dd-gpt2", "parallel-gpt2", "duo-predict-gpt2", "rotating-head-gpt2")
 
 # Sizes of the public GPT-2 checkpoints, embedded so no download is needed. The
 # original adds <|MASK|> to the tokenizer for every variant, hence 50258.
@@ -41,23 +40,8 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     eos_token_id=50256,
 )
 
-VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt2": {},
-    "dd-gpt2": dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True),
-    "parallel-gpt2": dict(bottleneck_method="mean"),
-    # docs/variants/duo-predict-gpt2.md: the original trained duo with 512 positions and 512-token blocks.
-    "duo-predict-gpt2": dict(n_positions=512, duo_loss="dual", mask_token_id=None),
-    "rotating-head-gpt2": dict(rotatinghead="lr", use_norm=False, base_frequency=10000.0,
-                               gp_scales="code"),
-}
-
-CHOICES = {
-    "bottleneck_method": ("mean", "add", "concat"),
-    "rotatinghead": ("lr", "gp"),
-    "gp_scales": ("code", "seed"),
-    "duo_loss": ("dual", "original"),
-    "activation_function": ("gelu_new",),
-}
+# GPT-2's own choices; a variant's are in its Variant.
+CHOICES = {"activation_function": ("gelu_new",)}
 
 # Fields HF writes into config.json that change nothing in these models; they are
 # accepted and dropped. Those that WOULD change the math are checked instead.
@@ -103,17 +87,15 @@ TRAINING_KEYS = {
 }
 
 _INT = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-_FLOAT = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
-          "base_frequency")
-_BOOL = ("apply_drift", "apply_diffusion", "baseline_each_head", "use_norm")
-_OPT_INT = ("n_inner", "bos_token_id", "eos_token_id", "mask_token_id")
+_FLOAT = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range")
+_OPT_INT = ("n_inner", "bos_token_id", "eos_token_id")
 
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key."""
 
 
-def _err(key: str, msg: str) -> ConfigError:
+def key_error(key: str, msg: str) -> ConfigError:
     return ConfigError(f"config key '{key}': {msg}")
 
 
@@ -131,101 +113,83 @@ def read_json(src: str | os.PathLike) -> dict:
     return data
 
 
-def split_config(src: Mapping[str, Any] | str | os.PathLike) -> tuple[dict, dict]:
-    """(model config, training keys) from a dict or JSON file; model config validated."""
+def split_raw(src: Mapping[str, Any] | str | os.PathLike) -> tuple[dict, dict, str | None]:
+    """(model keys, training keys, size preset) of a dict or JSON file, nothing validated but the preset."""
     raw = dict(src) if isinstance(src, Mapping) else read_json(src)
     train = {k: raw.pop(k) for k in list(raw) if k in TRAINING_KEYS}
     # run_clm's meaning: config_name names the sizes of a model trained from scratch;
     # model_name_or_path (flax_gpt2v.training.pretrained) is a checkpoint to start from.
     preset = train.get("config_name")
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
-        raise _err("config_name", f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    return _normalize(raw, preset, train), train
+        raise key_error("config_name", f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    return raw, train, preset
 
 
-def load_config(src: Mapping[str, Any] | str | os.PathLike) -> dict:
-    """The full, validated model config as a plain dict with HF field names."""
-    return split_config(src)[0]
-
-
-def _normalize(raw: dict, preset: str | None, train: dict) -> dict:
-    model_type = raw.get("model_type", "gpt2")
-    if model_type not in MODEL_TYPES:
-        raise _err("model_type", f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
-    if "rotatinghead" in raw and model_type != "rotating-head-gpt2":
-        raise _err("rotatinghead", f"only applies to rotating-head-gpt2, not {model_type}")
-
+def normalize(raw: dict, variant, preset: str | None, train: dict) -> dict:
+    """The full config of `variant` (a models.variant.Variant) from the keys given, every value checked."""
+    model_type = variant.model_type
     cfg = dict(BASE_DEFAULTS)
     if preset is not None:
         cfg.update(PRESETS[preset])
-    cfg.update(VARIANT_DEFAULTS[model_type])
+    cfg.update(variant.defaults)
     known = set(cfg) | HF_PASSTHROUGH | set(HF_MUST_BE)
     for key, value in raw.items():
         if key not in known:
-            raise _err(key, f"unknown key for model_type {model_type!r}")
+            raise key_error(key, f"unknown key for model_type {model_type!r}")
         if key in HF_MUST_BE:
             if value != HF_MUST_BE[key]:
-                raise _err(key, f"only {HF_MUST_BE[key]!r} is supported, got {value!r}")
+                raise key_error(key, f"only {HF_MUST_BE[key]!r} is supported, got {value!r}")
         elif key not in HF_PASSTHROUGH:
             cfg[key] = value
     cfg["model_type"] = model_type
-    _check_types(cfg)
+    _check_types(cfg, variant)
     _check_values(cfg, train)
+    variant.check(cfg)
     return cfg
 
 
-def _check_types(cfg: dict) -> None:
+def _check_types(cfg: dict, variant) -> None:
     for key in _INT:
         if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0):
-            raise _err(key, f"must be a positive integer, got {cfg[key]!r}")
-    for key in _OPT_INT:
+            raise key_error(key, f"must be a positive integer, got {cfg[key]!r}")
+    for key in _OPT_INT + variant.optional_ints:
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise _err(key, f"must be a non-negative integer or null, got {v!r}")
-    for key in _FLOAT:
+            raise key_error(key, f"must be a non-negative integer or null, got {v!r}")
+    for key in _FLOAT + variant.floats:
         if key in cfg:
             v = cfg[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise _err(key, f"must be a number, got {v!r}")
+                raise key_error(key, f"must be a number, got {v!r}")
             cfg[key] = float(v)
-    for key in _BOOL:
+    for key in variant.bools:
         if key in cfg and not isinstance(cfg[key], bool):
-            raise _err(key, f"must be true or false, got {cfg[key]!r}")
-    for key, allowed in CHOICES.items():
+            raise key_error(key, f"must be true or false, got {cfg[key]!r}")
+    for key, allowed in {**CHOICES, **variant.choices}.items():
         if key in cfg and cfg[key] not in allowed:
-            raise _err(key, f"must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+            raise key_error(key, f"must be one of {', '.join(allowed)}, got {cfg[key]!r}")
 
 
 def _check_values(cfg: dict, train: dict) -> None:
     d, h = cfg["n_embd"], cfg["n_head"]
     if d % h:
-        raise _err("n_head", f"n_embd {d} is not divisible by n_head {h}")
+        raise key_error("n_head", f"n_embd {d} is not divisible by n_head {h}")
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if not 0.0 <= cfg[key] < 1.0:
-            raise _err(key, f"dropout must be in [0, 1), got {cfg[key]}")
-    mt = cfg["model_type"]
-    if mt == "parallel-gpt2" and cfg["n_layer"] % 2:
-        raise _err("n_layer", f"parallel-gpt2 needs an even number of layers, got {cfg['n_layer']}")
-    if mt == "rotating-head-gpt2" and (d // h) % 2:
-        raise _err("n_head", f"rotating-head-gpt2 needs an even head dim, got {d // h}")
-    if mt == "duo-predict-gpt2":
-        if cfg["mask_token_id"] is None:
-            cfg["mask_token_id"] = cfg["vocab_size"] - 1
-        if cfg["mask_token_id"] >= cfg["vocab_size"]:
-            raise _err("mask_token_id", f"{cfg['mask_token_id']} is outside the vocabulary of {cfg['vocab_size']}")
+            raise key_error(key, f"dropout must be in [0, 1), got {cfg[key]}")
     lengths = {}
     for key in ("block_size", "max_seq_length"):
         n = train.get(key)
         if n is None:
             continue
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise _err(key, f"must be a positive integer, got {n!r}")
+            raise key_error(key, f"must be a positive integer, got {n!r}")
         lengths[key] = n
     if lengths:
         # The block length is the shorter of the two, as in the original's run_clm.
         key = min(lengths, key=lengths.get)
         if lengths[key] > cfg["n_positions"]:
-            raise _err(key, f"sequence length {lengths[key]} is longer than the {cfg['n_positions']} positions "
+            raise key_error(key, f"sequence length {lengths[key]} is longer than the {cfg['n_positions']} positions "
                             "the model has (n_positions)")
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2v.hf import checkpoint, keymap
-from flax_gpt2v.config import load_config
+from flax_gpt2v.models import load_config
 from flax_gpt2v.models.generate import make_decoder
 from flax_gpt2v.models import build_model, init_params
 

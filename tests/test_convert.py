@@ -11,7 +11,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from flax_gpt2v.hf.checkpoint import CheckpointError, is_hf, is_native, load_hf_dir, load_native, save_hf_dir, save_native
-from flax_gpt2v.config import load_config
+from flax_gpt2v.models import load_config
 from flax_gpt2v.hf.keymap import (ConversionError, flatten_params, flax_shapes, flax_to_torch_state, key_table,
                                   torch_to_flax_params, unflatten_params)
 
@@ -395,9 +395,9 @@ def test_cli_round_trip_and_overwrite_refusal(tmp_path, capsys):
 
     code, _, err = cli(capsys, FROM_TORCH, hf, native)
     assert code == 2 and err.startswith("error: ") and "refusing to overwrite" in err
-    # The script itself, as a user runs it.
+    # The script itself, as a user runs it (the package installed: here, this checkout on the path).
     run = subprocess.run([sys.executable, "convert/to_torch.py", str(native), str(hf)],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert run.returncode == 2
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
     assert "refusing to overwrite" in run.stderr

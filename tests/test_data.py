@@ -7,7 +7,7 @@ import pytest
 
 from flax_gpt2v.data import pipeline as data, tokenizer
 from flax_gpt2v.models import ops
-from flax_gpt2v.config import load_config
+from flax_gpt2v.models import load_config
 from flax_gpt2v.data.pipeline import BatchSchedule, DataError, eval_batches, make_batch, prepare_data
 from flax_gpt2v.data.tokenizer import TokenizerError, load_tokenizer
 

@@ -32,7 +32,7 @@ from helpers import perturbed_lm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No progress bars (they go to stderr) and never the network.
 QUIET = {**os.environ, "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
-         "JAX_PLATFORMS": "cpu"}
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 
 
 def load_script(path):

@@ -7,7 +7,9 @@ from transformers import AutoModelForCausalLM
 import flax_gpt2v as fg
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.models import ops
-from flax_gpt2v.config import BASE_DEFAULTS, CHOICES, MODEL_TYPES, VARIANT_DEFAULTS, load_config
+from flax_gpt2v.config import BASE_DEFAULTS, CHOICES
+from flax_gpt2v.models import VARIANTS as REGISTRY
+from flax_gpt2v.models import load_config
 from flax_gpt2v.hf.keymap import flatten_params
 from helpers import FP32_TOL, VARIANTS, off_default, perturbed_lm, random_ids, small_config
 
@@ -28,17 +30,18 @@ def test_cross_framework_configs_are_off_default_in_every_field(variant):
     cfg = cross_lm(variant).config
     mt = cfg["model_type"]
     default = load_config({"model_type": mt})
-    same = sorted(k for k in {**BASE_DEFAULTS, **VARIANT_DEFAULTS[mt]}
+    same = sorted(k for k in {**BASE_DEFAULTS, **REGISTRY[mt].defaults}
                   if k not in SELECTORS | SINGLE_CHOICE and cfg[k] == default[k])
     assert not same, f"{variant}: {same} at their defaults"
 
 
 def test_cross_framework_configs_cover_every_selector_value():
     configs = [load_config(small_config(v)) for v in VARIANTS]
-    assert {c["model_type"] for c in configs} == set(MODEL_TYPES)
+    assert {c["model_type"] for c in configs} == set(REGISTRY)
     for key in SELECTORS - {"model_type"}:
         values = {c[key] for c in configs if key in c}
-        expected = {True, False} if isinstance(next(iter(values)), bool) else set(CHOICES.get(key, values))
+        choices = {**CHOICES, **{k: a for v in REGISTRY.values() for k, a in v.choices.items()}}
+        expected = {True, False} if isinstance(next(iter(values)), bool) else set(choices.get(key, values))
         assert values >= expected, key
 
 

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2v.models import ops
+from flax_gpt2v.models import ops, variant_of
 from flax_gpt2v.config import block_length
 from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
 from flax_gpt2v.data.tfds import load_tfds
@@ -695,14 +695,10 @@ class BatchSchedule:
 def make_batch(blocks: np.ndarray, indices: np.ndarray, model_cfg: dict) -> dict:
     """Numpy batch of the blocks at `indices`: input_ids and targets (IGNORE where none)."""
     rows = np.asarray(blocks[np.asarray(indices)], dtype=np.int32)
-    # The layout functions are the models' own (ops); run them on the host CPU so
+    # The layout is the variant's own (its spec's batch); run it on the host CPU so
     # data preparation never touches (or waits for) the accelerator.
     with jax.default_device(_host_device()):
-        if model_cfg.get("model_type", "gpt2") == "duo-predict-gpt2":
-            inputs = ops.interleave(rows, model_cfg["mask_token_id"])
-            targets = ops.duo_targets(rows, model_cfg.get("duo_loss", "dual"))
-        else:
-            inputs, targets = rows, ops.next_token_targets(rows)
+        inputs, targets = variant_of(model_cfg).batch(rows, model_cfg)
         return {"input_ids": np.array(inputs, dtype=np.int32), "targets": np.array(targets, dtype=np.int32)}
 
 

@@ -37,14 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2v.models import ops
 from flax_gpt2v.evaluation import profiling
 from flax_gpt2v.training import sharding, trainer as train
 from flax_gpt2v.cli import ArgumentParser, run_cli
-from flax_gpt2v.config import PRESETS, TRAINING_KEYS, ConfigError, load_config, read_json
+from flax_gpt2v.config import PRESETS, TRAINING_KEYS, ConfigError, read_json
+from flax_gpt2v.models import load_config
 from flax_gpt2v.models.gpt2 import REMAT_POLICIES
 from flax_gpt2v.hf.keymap import num_params as count_params
-from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, attention_implementation, build_model
+from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, VARIANTS, attention_implementation, build_model, variant_of
 from flax_gpt2v.training.schedule import adamw, lr_schedule
 
 # --all: one experiment file of the original per variant.
@@ -79,7 +79,7 @@ class Workload:
 
     @property
     def interleaved(self) -> bool:
-        return self.cfg["model_type"] == "duo-predict-gpt2"
+        return variant_of(self.cfg).interleaved
 
     @property
     def tokens_per_step(self) -> int:
@@ -112,11 +112,12 @@ def make_workload(name: str, size: str, seq: int, batch: int, seed: int = 0, lay
     cfg = load_config(model_raw)
     label = path.stem
     rng = np.random.default_rng(seed)
+    variant = variant_of(cfg)
     # Random text without the mask id (the last one for duo-predict).
-    if cfg["model_type"] == "duo-predict-gpt2":
+    if variant.interleaved:
         real = seq // 2
         if real < 2:
-            raise ConfigError(f"--seq {seq}: duo-predict needs at least 4 (2 text tokens, interleaved)")
+            raise ConfigError(f"--seq {seq}: {cfg['model_type']} needs at least 4 (2 text tokens, interleaved)")
         if real > cfg["n_positions"]:
             raise ConfigError(f"--seq {seq} holds {real} text tokens, more than the {cfg['n_positions']} positions "
                               f"of {label} (n_positions)")
@@ -124,16 +125,14 @@ def make_workload(name: str, size: str, seq: int, batch: int, seed: int = 0, lay
         # than n_positions, which is what makes the torch twin use the duo layout.
         cfg = load_config({**model_raw, "n_positions": real})
         tokens = rng.integers(0, cfg["vocab_size"] - 1, (batch, real))
-        input_ids = np.asarray(ops.interleave(tokens, cfg["mask_token_id"]))
-        targets = np.asarray(ops.duo_targets(tokens, cfg["duo_loss"]))
         text_tokens = batch * real
     else:
         if seq > cfg["n_positions"]:
             raise ConfigError(f"--seq {seq} is longer than the {cfg['n_positions']} positions of {label} "
                               "(n_positions)")
         tokens = rng.integers(0, cfg["vocab_size"] - 1, (batch, seq))
-        input_ids, targets = tokens, np.asarray(ops.next_token_targets(tokens))
         text_tokens = batch * seq
+    input_ids, targets = variant.batch(tokens, cfg)
     return Workload(label, str(path), cfg, input_ids.astype(np.int32), targets.astype(np.int32), text_tokens)
 
 
@@ -226,7 +225,7 @@ class TorchSide:
 
         self.torch, self.bf16 = torch, bf16
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if work.cfg["model_type"] == "gpt2":
+        if work.cfg["model_type"] not in TWINS:  # plain GPT-2: transformers' own config
             from transformers import GPT2Config
             config_class, model_class = GPT2Config, CoreGPT2LMHeadModel
         else:
@@ -431,7 +430,7 @@ def markdown_table(results: list[dict]) -> str:
         mem = [get(r, s, "peak_memory_bytes") for s in ("jax", "torch")]
         ratio = r.get("ratio", {})
         rows.append([
-            r["variant"] + (" *" if r["model_type"] == "duo-predict-gpt2" else ""),
+            r["variant"] + (" *" if VARIANTS[r["model_type"]].interleaved else ""),
             number(get(r, "jax", "train_tokens_per_s"), "{:,.0f}"),
             number(get(r, "torch", "train_tokens_per_s"), "{:,.0f}"),
             number(ratio.get("train"), "{:.2f}"),
@@ -450,8 +449,8 @@ def markdown_table(results: list[dict]) -> str:
     if explicit:
         lines.append(f"\nJAX trains with explicit attention at attn_pdrop {', '.join(map(str, explicit))} "
                      "(attention dropout has no fused kernel in JAX); --attn-pdrop 0 measures the fused one.")
-    if any(r["model_type"] == "duo-predict-gpt2" for r in results):
-        lines.append("\n\\* duo-predict: tokens are interleaved input positions, batch x (seq - 1); "
+    if any(VARIANTS[r["model_type"]].interleaved for r in results):
+        lines.append("\n\\* interleaved (duo-predict): tokens are interleaved input positions, batch x (seq - 1); "
                      "text tokens are about half of them.")
     return "\n".join(lines)
 

@@ -20,14 +20,14 @@ import numpy as np
 
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.data import pipeline as data
-from flax_gpt2v.config import VARIANT_DEFAULTS, read_json
+from flax_gpt2v.config import read_json
 from flax_gpt2v.lm import LM, load
+from flax_gpt2v.models import VARIANTS, variant_of
 from flax_gpt2v.data.tokenizer import Tokenizer
 from flax_gpt2v.training.trainer import SUMMARY, eval_metrics, make_eval_step
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
-DUO = "duo-predict-gpt2"
 
 
 class EvalError(ValueError):
@@ -90,7 +90,7 @@ def data_config(model_dir: str, validation_file: str | None, block_size: int | N
         raise EvalError(f"{model_dir}: no {RUN_CONFIG} here or in its parent, so no configured validation "
                         "data; give --validation_file FILE")
     run_block = (run or {}).get("train", {}).get("block_size")
-    default = min(512 if model_cfg["model_type"] == DUO else 1024, model_cfg["n_positions"])
+    default = min(variant_of(model_cfg).default_block_size, model_cfg["n_positions"])
     cfg["block_size"] = block_size or run_block or default
     if cfg["block_size"] > model_cfg["n_positions"]:
         raise EvalError(f"sequence too long: block_size {cfg['block_size']} exceeds the model's "
@@ -172,7 +172,7 @@ def evaluate_lm(lm: LM, blocks: np.ndarray, batch_size: int = 8, *, duo_loss: st
     if blocks.size and int(np.max(blocks)) >= cfg["vocab_size"]:
         raise EvalError(f"token id {int(np.max(blocks))} is outside the model's vocabulary of "
                         f"{cfg['vocab_size']}: tokenizer and model do not match")
-    interleaved = cfg["model_type"] == DUO
+    interleaved = variant_of(cfg).interleaved
     jitted = jax.jit(make_eval_step(lm.module, interleaved=interleaved))
 
     def step(batch):
@@ -238,19 +238,20 @@ def count_params(run_dir: str) -> int | None:
                                         if os.path.isfile(os.path.join(run_dir, "config.json")) else None)
     if not cfg:
         return None
-    from flax_gpt2v.config import load_config
+    from flax_gpt2v.models import load_config
     from flax_gpt2v.models import build_model
     shapes = jax.eval_shape(build_model(load_config(cfg)).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
 def describe_variant(cfg: dict | None) -> str | None:
-    """model_type plus the variant keys that differ from its defaults, e.g. `dd-gpt2 (apply_diffusion=False)`."""
+    """model_type plus the variant keys that differ from its defaults, e.g. `<model_type> (<key>=<value>, ...)`."""
     if not cfg or "model_type" not in cfg:
         return None
-    defaults = VARIANT_DEFAULTS.get(cfg["model_type"], {})
-    changed = [f"{k}={cfg[k]}" for k in defaults
-               if k not in ("n_positions", "mask_token_id") and k in cfg and cfg[k] != defaults[k]]
+    if cfg["model_type"] not in VARIANTS:
+        return cfg["model_type"]
+    variant = VARIANTS[cfg["model_type"]]
+    changed = [f"{k}={cfg[k]}" for k in variant.describing_keys if k in cfg and cfg[k] != variant.defaults[k]]
     return cfg["model_type"] + (f" ({', '.join(changed)})" if changed else "")
 
 

@@ -18,10 +18,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import safetensors.numpy
 
-from flax_gpt2v.config import HF_MUST_BE, load_config, read_json
+from flax_gpt2v.config import HF_MUST_BE, read_json
+from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
 from flax_gpt2v.hf.keymap import (check_flax_params, check_weights, flatten_params, flax_to_torch_state,
-                                  torch_name, torch_to_flax_params, unflatten_params)
+                                  per_layer_state, torch_to_flax_params, unflatten_params)
 from flax_gpt2v.hf.layouts import READ_ORDER, has_weights, read_hf_dir
 
 # 2: the embedding holds config.padded_vocab rows (zero beyond vocab_size).
@@ -40,14 +41,6 @@ OTHER_WEIGHT_FILES = ("flax_model.msgpack", "tf_model.h5")
 # What the trainer writes into every output_dir (train.py), and what Orbax writes into a checkpoint.
 RUN_MARKERS = ("run_config.json", "checkpoints")
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
-# The original's class names, so its own code recognises the exported files.
-ARCHITECTURES = {
-    "gpt2": "GPT2LMHeadModel",
-    "dd-gpt2": "DDGPT2LMHeadModel",
-    "parallel-gpt2": "ParallelGPT2LMHeadModel",
-    "duo-predict-gpt2": "DuoPredictGPT2LMHeadModel",
-    "rotating-head-gpt2": "RotatingHeadGPT2LMHeadModel",
-}
 
 
 def is_native(path: str | os.PathLike) -> bool:
@@ -111,24 +104,9 @@ def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
         if a.dtype != np.float32:
             raise CheckpointError(f"corrupt checkpoint: {file}: {key} is {a.dtype}, expected float32")
     if version == PER_LAYER_FORMAT:
-        return cfg, torch_to_flax_params(per_layer_to_torch(flat, cfg), cfg)
+        return cfg, torch_to_flax_params(per_layer_state(flat, cfg), cfg)
     check_flax_params(flat, cfg)
     return cfg, unflatten_params(flat)
-
-
-def per_layer_to_torch(flat: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A format-2 file's arrays as the torch state dict, for the key table to convert strictly. Format 2
-    named each array by its torch key ('/' for '.', Flax leaf names) in torch's shape, except the
-    embedding's padding rows and the bottleneck's kernel (an nn.Linear, stored transposed)."""
-    state = {}
-    for path, a in flat.items():
-        key = torch_name(path)
-        if key == "transformer.wte.weight":
-            a = a[:cfg["vocab_size"]]
-        elif key == "transformer.bottleneck.weight":
-            a = a.T
-        state[key] = a
-    return state
 
 
 def load_hf_dir(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -152,11 +130,11 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
     # np.array copies: torch.from_numpy needs a writable array and jax buffers are read-only.
     tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(torch_dtype).contiguous()
                for k, v in flax_to_torch_state(params, cfg).items()}
-    mt = cfg["model_type"]
-    hf_config = {"architectures": [ARCHITECTURES[mt]], **cfg, **HF_MUST_BE,
+    mt, variant = cfg["model_type"], variant_of(cfg)
+    hf_config = {"architectures": [variant.architecture], **cfg, **HF_MUST_BE,
                  "torch_dtype": dtype, "dtype": dtype}
     modeling = None
-    if mt != "gpt2":  # the baseline is transformers' own GPT2LMHeadModel
+    if variant.twin_module is not None:  # plain GPT-2 is transformers' own GPT2LMHeadModel
         from flax_gpt2v.hf.twins import TWINS, auto_map, bundle_source
         hf_config["auto_map"] = auto_map(mt)
         modeling = (TWINS[mt][2], bundle_source(mt))

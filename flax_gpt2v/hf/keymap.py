@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import numpy as np
 
 from flax_gpt2v.config import head_dim, inner_dim, padded_vocab
+from flax_gpt2v.models import variant_of
 
 # Flax leaf name -> torch leaf name; every other path component is kept as is.
 _LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -91,15 +92,15 @@ class KeyEntry(NamedTuple):
     torch_shape: tuple[int, ...]
 
 
-def torch_name(flax_path: str) -> str:
-    """The torch state-dict name of a '/'-joined Flax path (of a parameter outside the layers)."""
+def _torch_name(flax_path: str) -> str:
+    """The torch state-dict name of a '/'-joined Flax path outside the stacked layers."""
     *parents, leaf = flax_path.split("/")
     return ".".join(parents + [_LEAF_RENAME.get(leaf, leaf)])
 
 
 def _entry(flax_path: str, shape: tuple[int, ...], transform: str = "none", torch_shape=None,
            layer: int | None = None) -> KeyEntry:
-    torch_key = torch_name(flax_path)
+    torch_key = _torch_name(flax_path)
     if layer is not None:  # slice i of transformer/h/<rest> is transformer.h.{i}.<rest>
         prefix = LAYERS_PATH.replace("/", ".")
         torch_key = f"{prefix}.{layer}.{torch_key[len(prefix) + 1:]}"
@@ -128,9 +129,8 @@ def _to_flax(e: KeyEntry, a):
 
 def layer_rows(cfg: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...], str, tuple[int, ...] | None]]:
     """(path inside a layer, Flax shape of one layer's slice, transform, torch shape or None for
-    the transform's) of every per-layer parameter."""
+    the transform's) of every per-layer parameter: GPT-2's, then the variant's own."""
     d, h, dh, inner = cfg["n_embd"], cfg["n_head"], head_dim(cfg), inner_dim(cfg)
-    mt = cfg["model_type"]
     rows = [("ln_1/scale", (d,), "none", None), ("ln_1/bias", (d,), "none", None),
             # Conv1D's [d, 3d] columns are (q|k|v) x head x Dh, in that order.
             ("attn/c_attn/kernel", (d, 3, h, dh), "reshape", (d, 3 * d)),
@@ -139,19 +139,8 @@ def layer_rows(cfg: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...], str, 
             ("ln_2/scale", (d,), "none", None), ("ln_2/bias", (d,), "none", None),
             ("mlp/c_fc/kernel", (d, inner), "none", None), ("mlp/c_fc/bias", (inner,), "none", None),
             ("mlp/c_proj/kernel", (inner, d), "none", None), ("mlp/c_proj/bias", (d,), "none", None)]
-    if mt == "dd-gpt2":
-        if cfg["apply_drift"]:
-            rows.append(("attn/drift_param", (h, dh), "none", None))
-            if cfg["baseline_each_head"]:
-                rows.append(("attn/baseline", (h, dh), "none", None))
-        if cfg["apply_diffusion"]:
-            rows.append(("attn/diffusion_param", (h, dh), "none", None))
-    if mt == "rotating-head-gpt2":
-        if cfg["rotatinghead"] == "lr":  # GP frequencies are computed, not stored
-            rows.append(("attn/rope/frequencies", (h, dh // 2), "none", None))
-        if cfg["use_norm"]:
-            rows += [("attn/rope/layer_norm/scale", (dh // 2,), "none", None),
-                     ("attn/rope/layer_norm/bias", (dh // 2,), "none", None)]
+    for path, shape, *transform in variant_of(cfg).layer_params(cfg):
+        rows.append((path, shape, transform[0] if transform else "none", None))
     return rows
 
 
@@ -166,9 +155,7 @@ def key_table(cfg: Mapping[str, Any]) -> list[KeyEntry]:
         table += [_entry(f"{LAYERS_PATH}/{path}", shape, transform, torch_shape, layer=i)
                   for path, shape, transform, torch_shape in rows]
     table += [_entry("transformer/ln_f/scale", (d,)), _entry("transformer/ln_f/bias", (d,))]
-    if cfg["model_type"] == "parallel-gpt2" and cfg["bottleneck_method"] == "concat":
-        table += [_entry("transformer/bottleneck/kernel", (2 * d, d), "transpose"),
-                  _entry("transformer/bottleneck/bias", (d,))]
+    table += [_entry(*row) for row in variant_of(cfg).model_params(cfg)]
     return table
 
 
@@ -178,6 +165,16 @@ def flax_shapes(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     for e in key_table(cfg):
         shapes[e.flax_path] = e.shape if e.layer is None else (cfg["n_layer"], *e.shape)
     return shapes
+
+
+def per_layer_state(flat: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The torch state dict of a flat tree in native format 2, which stored every layer apart
+    (`transformer/h/{i}/...`, Conv1D's shapes: each path was its torch key with '/' for '.');
+    the parameters outside the layers were as they are now. Unknown keys pass through for the
+    strict conversion to name."""
+    whole = {e.flax_path: e for e in key_table(cfg) if e.layer is None}
+    return {(whole[path].torch_key if path in whole else _torch_name(path)):
+            (_to_torch(whole[path], a) if path in whole else a) for path, a in flat.items()}
 
 
 def num_params(cfg: Mapping[str, Any]) -> int:

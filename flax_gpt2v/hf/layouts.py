@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
-from flax_gpt2v.config import HF_MUST_BE, ConfigError, load_config, read_json
+from flax_gpt2v.config import HF_MUST_BE, ConfigError, read_json
+from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.keymap import check_weights
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -74,10 +75,7 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     raw = read_json(where)
     model_cfg = normalize_config(raw, where)
     tensors = canonical_keys(read_tensors(path))
-    if model_cfg.get("model_type") == "rotating-head-gpt2" and "use_norm" not in model_cfg:
-        # docs/variants/rotating-head-gpt2.md: the original's Hub configs have no use_norm; only its later version,
-        # which always applies the LayerNorm, stores rope.layer_norm.* weights.
-        model_cfg["use_norm"] = any(".attn.rope.layer_norm." in k for k in tensors)
+    variant_of(model_cfg).complete_from_weights(model_cfg, tensors)
     cfg = load_config(model_cfg)
     tensors = drop_attention_buffers(tensors, cfg["n_positions"], raw.get("n_ctx"))
     return cfg, to_float32(tensors, os.fspath(path))

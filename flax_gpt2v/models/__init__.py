@@ -1,22 +1,53 @@
-"""model_type -> Flax model class, and the one place that builds a module and makes its parameters."""
+"""The models: the GPT-2 core (gpt2.py), one file per variant, the pure math (ops.py), decoding
+(generate.py), the registry below, the one place that lists the variants, and the one place
+that builds a module and makes its parameters.
+
+A variant is its own file (Flax classes + its `VARIANT` spec, models/variant.py), its torch twin
+under hf/twins/, and one line in `VARIANTS`. Everything else asks the registry.
+
+May import: flax_gpt2v.config. Never hf, data, training or evaluation.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2v.models.dd_gpt2 import DDGPT2LMHeadModel
-from flax_gpt2v.models.duo_predict_gpt2 import DuoPredictGPT2LMHeadModel
-from flax_gpt2v.models.gpt2 import REMAT_POLICIES, GPT2LMHeadModel
-from flax_gpt2v.models.parallel_gpt2 import ParallelGPT2LMHeadModel
-from flax_gpt2v.models.rotating_head_gpt2 import RotatingHeadGPT2LMHeadModel
+from flax_gpt2v.config import key_error, normalize, split_raw
+from flax_gpt2v.models import dd_gpt2, duo_predict_gpt2, gpt2, parallel_gpt2, rotating_head_gpt2
+from flax_gpt2v.models.gpt2 import REMAT_POLICIES
+from flax_gpt2v.models.variant import Variant
 
-MODEL_CLASSES = {
-    "gpt2": GPT2LMHeadModel,
-    "dd-gpt2": DDGPT2LMHeadModel,
-    "parallel-gpt2": ParallelGPT2LMHeadModel,
-    "duo-predict-gpt2": DuoPredictGPT2LMHeadModel,
-    "rotating-head-gpt2": RotatingHeadGPT2LMHeadModel,
-}
+VARIANTS: dict[str, Variant] = {v.model_type: v for v in (
+    gpt2.VARIANT,
+    dd_gpt2.VARIANT,
+    parallel_gpt2.VARIANT,
+    duo_predict_gpt2.VARIANT,
+    rotating_head_gpt2.VARIANT,
+)}
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def variant_of(cfg: Mapping[str, Any]) -> Variant:
+    """The registered variant of a config (a validated one, or raw keys: model_type defaults to gpt2)."""
+    model_type = cfg.get("model_type", "gpt2")
+    if model_type not in VARIANTS:
+        raise key_error("model_type", f"unknown model type {model_type!r}; expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[model_type]
+
+
+def split_config(src: Mapping[str, Any] | str | os.PathLike) -> tuple[dict, dict]:
+    """(model config, training keys) from a dict or JSON file; the model config validated."""
+    raw, train, preset = split_raw(src)
+    return normalize(raw, variant_of(raw), preset, train), train
+
+
+def load_config(src: Mapping[str, Any] | str | os.PathLike) -> dict:
+    """The full, validated model config as a plain dict with HF field names."""
+    return split_config(src)[0]
 
 
 def attention_implementation(choice: str, dtype) -> str:
@@ -40,8 +71,8 @@ def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, a
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     dtype = dtype or jnp.float32
-    return MODEL_CLASSES[cfg["model_type"]](cfg, dtype=dtype, remat=remat, scan=scan,
-                                            attention_implementation=attention_implementation(attention, dtype))
+    return variant_of(cfg).lm_class(cfg, dtype=dtype, remat=remat, scan=scan,
+                                    attention_implementation=attention_implementation(attention, dtype))
 
 
 def _boxed_params(module, key):

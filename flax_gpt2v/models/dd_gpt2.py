@@ -10,6 +10,7 @@ import jax
 
 from flax_gpt2v.config import head_dim
 from flax_gpt2v.models.gpt2 import Attention, GPT2LMHeadModel, logical
+from flax_gpt2v.models.variant import ParamRow, Variant
 
 
 class DDAttention(Attention):
@@ -41,3 +42,29 @@ class DDAttention(Attention):
 
 class DDGPT2LMHeadModel(GPT2LMHeadModel):
     attention_cls = DDAttention
+
+
+def _layer_params(cfg) -> list[ParamRow]:
+    shape = (cfg["n_head"], head_dim(cfg))
+    rows = []
+    if cfg["apply_drift"]:
+        rows.append(("attn/drift_param", shape))
+        if cfg["baseline_each_head"]:
+            rows.append(("attn/baseline", shape))
+    if cfg["apply_diffusion"]:
+        rows.append(("attn/diffusion_param", shape))
+    return rows
+
+
+VARIANT = Variant(
+    model_type="dd-gpt2",
+    lm_class=DDGPT2LMHeadModel,
+    architecture="DDGPT2LMHeadModel",
+    twin_module="dd_gpt2",
+    twin_config="DDGPT2Config",
+    defaults=dict(apply_drift=True, apply_diffusion=True, baseline_each_head=True),
+    bools=("apply_drift", "apply_diffusion", "baseline_each_head"),
+    describing_keys=("apply_drift", "apply_diffusion", "baseline_each_head"),
+    layer_params=_layer_params,
+    experiments={"dd-gpt2-medium-wikitext": {}},
+)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from flax_gpt2v.models import ops
 from flax_gpt2v.config import head_dim, inner_dim, padded_vocab
+from flax_gpt2v.models.variant import Variant
 
 Dtype = Any
 # The KV cache of a whole model: k and v stacked over layers, [L, B, S, H, Dh].
@@ -274,7 +275,7 @@ class GPT2LMHeadModel(nn.Module):
     def layout(self, length: int, interleaved: bool, cache_index):
         """Hook: (positions [T], mask [T, T] or None for causal) of the input."""
         if interleaved:
-            raise ValueError(f"{self.cfg['model_type']} has no interleaved layout; only duo-predict-gpt2 has")
+            raise ValueError(f"{self.cfg['model_type']} has no interleaved layout")
         return jnp.arange(length) + cache_index, None
 
     @nn.compact
@@ -293,3 +294,11 @@ class GPT2LMHeadModel(nn.Module):
         cfg = self.cfg
         shape = (cfg["n_layer"], batch, size, cfg["n_head"], head_dim(cfg))
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+VARIANT = Variant(
+    model_type="gpt2",
+    lm_class=GPT2LMHeadModel,
+    architecture="GPT2LMHeadModel",
+    experiments={"gpt2-medium-wikitext": {}},  # also the names of the gpt2-small smoke test
+)

@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_gpt2v.config import key_error
 from flax_gpt2v.models.gpt2 import GPT2LMHeadModel, Transformer, logical, normal, run_layers
+from flax_gpt2v.models.variant import ParamRow, Variant
 
 
 class ParallelTransformer(Transformer):
@@ -56,3 +58,31 @@ class ParallelTransformer(Transformer):
 
 class ParallelGPT2LMHeadModel(GPT2LMHeadModel):
     transformer_cls = ParallelTransformer
+
+
+def _check(cfg: dict) -> None:
+    if cfg["n_layer"] % 2:
+        raise key_error("n_layer", f"parallel-gpt2 needs an even number of layers, got {cfg['n_layer']}")
+
+
+def _model_params(cfg) -> list[ParamRow]:
+    d = cfg["n_embd"]
+    if cfg["bottleneck_method"] != "concat":
+        return []
+    # torch keeps the bottleneck as an nn.Linear: [out, in], the transpose of the Flax kernel.
+    return [("transformer/bottleneck/kernel", (2 * d, d), "transpose"), ("transformer/bottleneck/bias", (d,))]
+
+
+VARIANT = Variant(
+    model_type="parallel-gpt2",
+    lm_class=ParallelGPT2LMHeadModel,
+    architecture="ParallelGPT2LMHeadModel",
+    twin_module="parallel_gpt2",
+    twin_config="ParallelGPT2Config",
+    defaults=dict(bottleneck_method="mean"),
+    choices={"bottleneck_method": ("mean", "add", "concat")},
+    check=_check,
+    describing_keys=("bottleneck_method",),
+    model_params=_model_params,
+    experiments={"parallel-gpt2-medium-wikitext": {}, "parallel-mean-bottleneck-gpt2-medium-wikitext": {}},
+)

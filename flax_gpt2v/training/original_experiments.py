@@ -11,26 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flax_gpt2v.config import block_length
+from flax_gpt2v.config import BASE_DEFAULTS, block_length
+from flax_gpt2v.models import VARIANTS, variant_of
 
-# The original's published experiments (seed README's Hub ids, docs/training.md and 9), with the
-# settings its code version decided where they differ from our defaults. The `-norm`
-# rotating-head runs used the later code, which always applies the frequency LayerNorm (the
-# first lr/gp runs had none: our default); the first duo-predict run used the original's
-# shifted loss (docs/variants/duo-predict-gpt2.md; its perplexity 13.46). The loss-fixed run's exact loss is not
-# published: the intended pairing (our default, "dual") is what its name says.
-EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "gpt2-medium-wikitext": {},  # also the names of the gpt2-small smoke test
-    "dd-gpt2-medium-wikitext": {},
-    "parallel-gpt2-medium-wikitext": {},
-    "parallel-mean-bottleneck-gpt2-medium-wikitext": {},
-    "duo-predict-gpt2-medium-wikitext": {"duo_loss": "original"},
-    "duo-predict-loss-fixed-gpt2-medium-wikitext": {},
-    "rotating-head-lr-gpt2-medium-wikitext": {},
-    "rotating-head-gp-gpt2-medium-wikitext": {},
-    "rotating-head-lr-norm-gpt2-medium-wikitext": {"use_norm": True},
-    "rotating-head-gp-norm-gpt2-medium-wikitext": {"use_norm": True},
-}
+# The original's published experiments (seed README's Hub ids, docs/training.md and docs/experiments.md), each
+# variant's own (its spec's `experiments`), with the settings its code version decided where they differ
+# from our defaults.
+EXPERIMENTS: dict[str, dict[str, Any]] = {name: dict(settings) for v in VARIANTS.values()
+                                          for name, settings in v.experiments.items()}
 
 # Keys accepted from the original's files (and HF TrainingArguments) that change nothing
 # here, by reason. Every other key is honoured (README: "Running the original's experiment files").
@@ -56,8 +44,6 @@ ONLY_VALUES: dict[str, tuple] = {
     "greater_is_better": (False,),
 }
 
-DUO = "duo-predict-gpt2"
-DEFAULT_POSITIONS = {DUO: 512}  # config's n_positions defaults; 1024 for the other model types
 
 
 def recognise(raw: dict) -> tuple[str, str] | None:
@@ -77,17 +63,15 @@ def complete(raw: dict) -> tuple[dict, str | None]:
     name, by = found
     settings = {k: (v, "as the original's code version ran it") for k, v in EXPERIMENTS[name].items()}
     block = block_length(raw)
-    model_type = raw.get("model_type", "gpt2")
-    positions = DEFAULT_POSITIONS.get(model_type, 1024)
-    if block is not None and model_type == DUO and block != positions:
-        settings["n_positions"] = (block, "as the original's duo-predict code set it (= block_size)")
+    variant = variant_of(raw)
+    positions = variant.defaults.get("n_positions", BASE_DEFAULTS["n_positions"])
+    if block is not None and variant.positions_follow_block and block != positions:
+        settings["n_positions"] = (block, f"as the original's {variant.model_type} code set it (= block_size)")
     elif block is not None and block > positions:
         settings["n_positions"] = (block, f"so that its {block}-token blocks fit (the original could not run "
                                           f"them on {positions} positions)")
-    if model_type != "rotating-head-gpt2":
-        settings.pop("use_norm", None)
-    if model_type != DUO:
-        settings.pop("duo_loss", None)
+    # An experiment's settings that are not this variant's keys (a file run with another model_type).
+    settings = {k: v for k, v in settings.items() if k == "n_positions" or k in variant.defaults}
     added = {k: v for k, v in settings.items() if k not in raw}
     if not added:
         return raw, None

@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from flax_gpt2v.hf import checkpoint, layouts as hf_layouts
-from flax_gpt2v.config import MASK_TOKEN, PRESETS, VARIANT_DEFAULTS, ConfigError, inner_dim, load_config, padded_vocab
+from flax_gpt2v.config import MASK_TOKEN, PRESETS, ConfigError, inner_dim, padded_vocab
+from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.keymap import flatten_params, flax_shapes, unflatten_params
 
 # Keys that fix the function of the pretrained weights: the training config may repeat them, not change them.
@@ -111,7 +112,7 @@ def merge_config(model_raw: Mapping[str, Any], train: Mapping[str, Any]) -> tupl
     model_type = raw.setdefault("model_type", src["model_type"])
     inherited = list(SIZE_KEYS) + list(TRAINING_DEFAULT_KEYS)
     if model_type == src["model_type"]:
-        inherited += [k for k in VARIANT_DEFAULTS[model_type] if k not in _TOKENIZER_KEYS and k != "n_positions"]
+        inherited += [k for k in variant_of(raw).defaults if k not in _TOKENIZER_KEYS and k != "n_positions"]
     raw = {**{k: src[k] for k in inherited if k in src}, **raw}
     train = dict(train)
     if not train.get("tokenizer_name") and checkpoint.has_tokenizer(path):
@@ -143,8 +144,7 @@ def check_structure(src: Mapping[str, Any], cfg: Mapping[str, Any], name: str) -
 
 
 def describe(cfg: Mapping[str, Any]) -> str:
-    keys = [k for k in VARIANT_DEFAULTS[cfg["model_type"]] if k not in ("n_positions", "mask_token_id", "duo_loss")]
-    opts = ", ".join(f"{k}={cfg[k]}" for k in keys)
+    opts = ", ".join(f"{k}={cfg[k]}" for k in variant_of(cfg).describing_keys if k != "duo_loss")
     return f"{cfg['model_type']}" + (f" ({opts})" if opts else "")
 
 

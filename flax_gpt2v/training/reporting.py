@@ -61,7 +61,11 @@ class TensorBoard:
 
 class WandB:
     def __init__(self, output_dir: str, run_config: dict):
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("config key 'report_to': wandb is not installed: pip install wandb "
+                              "(or pip install 'flax-gpt2v[wandb]')") from None
         id_file = os.path.join(output_dir, WANDB_ID_FILE)
         run_id = uuid.uuid4().hex[:12]
         if os.path.isfile(id_file):

@@ -36,10 +36,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.models import ops
 from flax_gpt2v.training import original_experiments, pretrained, reporting, run_guard, sharding
-from flax_gpt2v.config import TRAINING_KEYS, ConfigError, block_length, read_json, split_config
+from flax_gpt2v.config import TRAINING_KEYS, ConfigError, block_length, read_json
+from flax_gpt2v.models import split_config
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
-from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, build_model, init_params, param_axes
+from flax_gpt2v.models import ATTENTION_IMPLEMENTATIONS, build_model, init_params, param_axes, variant_of
 from flax_gpt2v.training.run_checkpoints import RunCheckpoints, quiet_orbax
 from flax_gpt2v.training.schedule import SCHEDULES, adamw, lr_schedule
 
@@ -302,9 +303,8 @@ def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> O
     if values["max_steps"] <= 0 and values["num_train_epochs"] <= 0:
         raise ConfigError("config key 'num_train_epochs': must be > 0 when max_steps is not set")
     if values["block_size"] is None:
-        # The original's blocks: 1024 tokens, 512 for duo-predict, never beyond the positions.
-        values["block_size"] = min(512 if model_cfg["model_type"] == "duo-predict-gpt2" else 1024,
-                                   model_cfg["n_positions"])
+        # The original's blocks for the variant, never beyond the positions.
+        values["block_size"] = min(variant_of(model_cfg).default_block_size, model_cfg["n_positions"])
     if values["distributed"] is not None and not isinstance(values["distributed"], dict):
         raise ConfigError("config key 'distributed': must be an object "
                           "{coordinator_address, num_processes, process_id}")
@@ -338,7 +338,7 @@ def fit_to_tokenizer(model_raw: dict, train: dict, tokenizer) -> dict:
     if tokenizer.eos_token_id is not None:
         raw.setdefault("eos_token_id", tokenizer.eos_token_id)
         raw.setdefault("bos_token_id", tokenizer.eos_token_id)
-    if raw.get("model_type") == "duo-predict-gpt2" and tokenizer.mask_token_id is not None:
+    if "mask_token_id" in variant_of(raw).defaults and tokenizer.mask_token_id is not None:
         raw.setdefault("mask_token_id", tokenizer.mask_token_id)
     return split_config({**raw, **train})[0]
 
@@ -704,7 +704,7 @@ def _run(model_raw, model_cfg, opts: Options, train_keys, prepared, log, signals
     schedule = lr_schedule(opts.lr_scheduler_type, opts.learning_rate, warmup, total)
     tx = adamw(schedule, opts.weight_decay, opts.adam_beta1, opts.adam_beta2, opts.adam_epsilon, opts.max_grad_norm)
 
-    interleaved = model_cfg["model_type"] == "duo-predict-gpt2"
+    interleaved = variant_of(model_cfg).interleaved
     module = build_model(model_cfg, dtype=jnp.bfloat16 if opts.bf16 else jnp.float32,
                          remat=opts.remat_policy if opts.gradient_checkpointing else "none",
                          scan=opts.scan_layers, attention=opts.attention_implementation)

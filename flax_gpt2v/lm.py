@@ -10,7 +10,7 @@ import numpy as np
 from flax_gpt2v.hf import checkpoint, keymap
 from flax_gpt2v.models import load_config
 from flax_gpt2v.models.generate import make_decoder
-from flax_gpt2v.models import build_model
+from flax_gpt2v.models import build_model, init_params
 
 
 class LM:
@@ -80,8 +80,7 @@ def init(config, seed: int = 0, *, dtype=None, **build) -> LM:
     """A randomly initialised model (docs/gpt2.md init) from a config dict or JSON path."""
     cfg = load_config(config)
     module = build_model(cfg)
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
+    params = jax.jit(lambda key: init_params(module, key))(jax.random.PRNGKey(seed))
     return LM(cfg, params, dtype=dtype, **build)
 
 

@@ -24,11 +24,14 @@ from flax_gpt2v.config import HF_MUST_BE, read_json
 from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
 from flax_gpt2v.hf.keymap import (check_flax_params, check_weights, flatten_params, flax_to_torch_state,
-                                  torch_to_flax_params, unflatten_params)
+                                  per_layer_state, torch_to_flax_params, unflatten_params)
 from flax_gpt2v.hf.layouts import READ_ORDER, has_weights, read_hf_dir
 
 # 2: the embedding holds config.padded_vocab rows (zero beyond vocab_size).
-NATIVE_FORMAT = 2
+# 3: the layers stacked (transformer/h/... [n_layer, ...]), attention heads on their own axes
+#    (hf/keymap.py's Flax shapes). Format 2 (transformer/h/{i}/..., Conv1D's shapes) still loads.
+NATIVE_FORMAT = 3
+PER_LAYER_FORMAT = 2
 NATIVE_WEIGHTS = "flax_params.safetensors"
 HF_WEIGHTS = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -93,15 +96,18 @@ def load_native(path: str | os.PathLike) -> tuple[dict, dict]:
     """(validated config, nested float32 numpy params) of a native checkpoint."""
     _require_files(path, (CONFIG_FILE, NATIVE_WEIGHTS), "flax_gpt2v checkpoint")
     raw = read_json(path)
-    if raw.get("flax_gpt2v_format") != NATIVE_FORMAT:
-        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: flax_gpt2v_format is "
-                              f"{raw.get('flax_gpt2v_format')!r}, expected {NATIVE_FORMAT}")
+    version = raw.get("flax_gpt2v_format")
+    if version not in (NATIVE_FORMAT, PER_LAYER_FORMAT):
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: flax_gpt2v_format is {version!r}, expected "
+                              f"{NATIVE_FORMAT} (or {PER_LAYER_FORMAT}, which is converted on load)")
     cfg = load_config(raw)
     file = os.path.join(path, NATIVE_WEIGHTS)
     flat = read_safetensors(file, safetensors.numpy.load_file)
     for key, a in flat.items():
         if a.dtype != np.float32:
             raise CheckpointError(f"corrupt checkpoint: {file}: {key} is {a.dtype}, expected float32")
+    if version == PER_LAYER_FORMAT:
+        return cfg, torch_to_flax_params(per_layer_state(flat, cfg), cfg)
     check_flax_params(flat, cfg)
     return cfg, unflatten_params(flat)
 

@@ -1,5 +1,6 @@
 """The models: the GPT-2 core (gpt2.py), one file per variant, the pure math (ops.py), decoding
-(generate.py), and the registry below, the one place that lists the variants.
+(generate.py), the registry below, the one place that lists the variants, and the one place
+that builds a module and makes its parameters.
 
 A variant is its own file (Flax classes + its `VARIANT` spec, models/variant.py), its torch twin
 under hf/twins/, and one line in `VARIANTS`. Everything else asks the registry.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -71,3 +73,20 @@ def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, a
     dtype = dtype or jnp.float32
     return variant_of(cfg).lm_class(cfg, dtype=dtype, remat=remat, scan=scan,
                                     attention_implementation=attention_implementation(attention, dtype))
+
+
+def _boxed_params(module, key):
+    return module.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(module, key):
+    """Fresh fp32 parameters (plain arrays) of `module`: GPT-2's init (docs/gpt2.md)."""
+    return nn.unbox(_boxed_params(module, key))
+
+
+def param_axes(module) -> dict[str, tuple]:
+    """'/'-joined parameter path -> its logical axis names (one per array axis), as the modules
+    declare them; computed from shapes only."""
+    boxed = jax.eval_shape(lambda key: _boxed_params(module, key), jax.random.PRNGKey(0))
+    leaves = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda a: isinstance(a, nn.Partitioned))[0]
+    return {"/".join(k.key for k in path): tuple(box.names) for path, box in leaves}

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from flax_gpt2v.config import head_dim
-from flax_gpt2v.models.gpt2 import Attention, GPT2LMHeadModel
+from flax_gpt2v.models.gpt2 import Attention, GPT2LMHeadModel, logical
 from flax_gpt2v.models.variant import ParamRow, Variant
 
 
@@ -20,11 +20,12 @@ class DDAttention(Attention):
         super().setup()
         cfg = self.cfg
         shape = (cfg["n_head"], head_dim(cfg))
-        unit = nn.initializers.normal(stddev=1.0)
+        unit = logical(nn.initializers.normal(stddev=1.0), "heads", "kv")
         if cfg["apply_drift"]:
             self.drift_param = self.param("drift_param", unit, shape)
             if cfg["baseline_each_head"]:
-                self.baseline = self.param("baseline", nn.initializers.normal(stddev=1e-3), shape)
+                self.baseline = self.param("baseline", logical(nn.initializers.normal(stddev=1e-3), "heads", "kv"),
+                                           shape)
         if cfg["apply_diffusion"]:
             self.diffusion_param = self.param("diffusion_param", unit, shape)
 

@@ -1,15 +1,22 @@
 """The GPT-2 core in Flax linen (docs/gpt2.md), with the points where variants plug in.
 
-The parameter tree mirrors the HF state dict: `transformer/h/0/attn/c_attn/kernel`
-is `transformer.h.0.attn.c_attn.weight`. A variant subclasses exactly one thing:
-`Attention` (its `setup`, `rotate_qk` or `transform_heads`), `Transformer` (its
-`run_blocks`) or `GPT2LMHeadModel` (its `layout`). Nothing here knows about any variant.
+The parameter tree keeps the HF names with the layers stacked: `transformer/h/attn/c_attn/kernel`
+is [L, d, 3, H, Dh], and its slice i is `transformer.h.{i}.attn.c_attn.weight` (hf/keymap.py
+maps the two). The forward pass applies `Block` as a pure function to slice after slice
+(one lax.scan, or a Python loop with `scan=False`), so neither it nor the optimizer ever
+restacks. A variant subclasses exactly one thing: `Attention` (its `setup`, `rotate_qk` or
+`transform_heads`), `Transformer` (its `run_blocks`) or `GPT2LMHeadModel` (its `layout`).
+Nothing here knows about any variant.
+
+Every parameter carries logical axis names where it is made (`logical`): "layers",
+"vocab", "embed", "qkv", "heads", "kv", "mlp", ...; training/sharding.py's one rules
+table maps them onto the mesh. `module.init` returns them boxed (nn.Partitioned);
+`models.init_params` unboxes.
 
 Options that are not variants are fields fixed at construction: `dtype` (compute
 dtype of activations and matmuls; parameters are always fp32), `remat` (what a layer
 keeps for the backward pass), `scan` (the layers as one lax.scan) and the attention
-kernel. The forward pass stacks the per-layer parameters h/{i} and applies `Block` as a
-pure function, so the tree keeps the HF names while the layers still scan.
+kernel.
 """
 from __future__ import annotations
 
@@ -33,6 +40,16 @@ def normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def logical(init, *names: str | None):
+    """`init` whose parameter carries one logical axis name per array axis."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(eps: float, dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(eps, dtype=dtype, name=name, scale_init=logical(nn.initializers.ones, "norm"),
+                        bias_init=logical(nn.initializers.zeros, "norm"))
+
+
 def proj_std(cfg) -> float:
     # GPT-2 scales residual-output projections by depth (docs/gpt2.md).
     return cfg["initializer_range"] / math.sqrt(2 * cfg["n_layer"])
@@ -48,9 +65,17 @@ class Attention(nn.Module):
     rng_streams = ("dropout",)
 
     def setup(self):
-        d = self.cfg["n_embd"]
-        self.c_attn = nn.Dense(3 * d, dtype=self.dtype, kernel_init=normal(self.cfg["initializer_range"]))
-        self.c_proj = nn.Dense(d, dtype=self.dtype, kernel_init=normal(proj_std(self.cfg)))
+        cfg = self.cfg
+        std, zeros = cfg["initializer_range"], nn.initializers.zeros
+        # q, k, v come out [B, T, H, Dh] each from one contraction, heads on their own axis: under
+        # tensor parallelism no split of a fused [3d] axis has to move data between devices.
+        self.c_attn = nn.DenseGeneral((3, cfg["n_head"], head_dim(cfg)), dtype=self.dtype,
+                                      kernel_init=logical(normal(std), "embed", "qkv", "heads", "kv"),
+                                      bias_init=logical(zeros, "qkv", "heads", "kv"))
+        # Row-parallel: contracts the (split) heads, one all-reduce.
+        self.c_proj = nn.DenseGeneral(cfg["n_embd"], axis=(-2, -1), dtype=self.dtype,
+                                      kernel_init=logical(normal(proj_std(cfg)), "heads", "kv", "embed"),
+                                      bias_init=logical(zeros, "embed"))
         self.attn_dropout = nn.Dropout(self.cfg["attn_pdrop"])
         self.resid_dropout = nn.Dropout(self.cfg["resid_pdrop"])
 
@@ -76,10 +101,8 @@ class Attention(nn.Module):
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
     def __call__(self, x, positions, mask, kv, cache_index, deterministic: bool):
-        b, t, d = x.shape
-        h = self.cfg["n_head"]
-        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-        q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))
+        qkv = self.c_attn(x)  # [B, T, 3, H, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = self.rotate_qk(q, k, positions)
         implementation = self.implementation
         if kv is not None:
@@ -93,7 +116,7 @@ class Attention(nn.Module):
             implementation = "xla"
         o = self.attend(q, k, v, mask, deterministic, implementation)
         o = self.transform_heads(o, deterministic)
-        y = self.c_proj(o.reshape(b, t, d))
+        y = self.c_proj(o)
         return self.resid_dropout(y, deterministic=deterministic), kv
 
 
@@ -104,9 +127,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         cfg = self.cfg
-        x = nn.Dense(inner_dim(cfg), dtype=self.dtype, kernel_init=normal(cfg["initializer_range"]), name="c_fc")(x)
+        zeros = nn.initializers.zeros
+        x = nn.Dense(inner_dim(cfg), dtype=self.dtype, name="c_fc",
+                     kernel_init=logical(normal(cfg["initializer_range"]), "embed", "mlp"),
+                     bias_init=logical(zeros, "mlp"))(x)
         x = ops.gelu_new(x)
-        x = nn.Dense(cfg["n_embd"], dtype=self.dtype, kernel_init=normal(proj_std(cfg)), name="c_proj")(x)
+        x = nn.Dense(cfg["n_embd"], dtype=self.dtype, name="c_proj",
+                     kernel_init=logical(normal(proj_std(cfg)), "mlp", "embed"),
+                     bias_init=logical(zeros, "embed"))(x)
         return nn.Dropout(cfg["resid_pdrop"])(x, deterministic=deterministic)
 
 
@@ -120,25 +148,10 @@ class Block(nn.Module):
     def __call__(self, x, positions, mask, kv, cache_index, deterministic: bool):
         eps = self.cfg["layer_norm_epsilon"]
         attn = self.attention_cls(self.cfg, self.dtype, self.attention_implementation, name="attn")
-        a, kv = attn(nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x), positions, mask, kv, cache_index,
-                     deterministic)
+        a, kv = attn(layer_norm(eps, self.dtype, "ln_1")(x), positions, mask, kv, cache_index, deterministic)
         x = x + a
-        x = x + MLP(self.cfg, self.dtype, name="mlp")(nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x), deterministic)
+        x = x + MLP(self.cfg, self.dtype, name="mlp")(layer_norm(eps, self.dtype, "ln_2")(x), deterministic)
         return x, kv
-
-
-class Layers(nn.Module):
-    """The `h` container: layer i's parameters live under `h/{i}`. Called only to create them;
-    the forward pass applies `Block` functionally to the stacked layer parameters."""
-    cfg: dict
-    attention_cls: type
-    dtype: Dtype
-    attention_implementation: str
-
-    @nn.compact
-    def __call__(self, i: int, x, positions, mask, kv, cache_index, deterministic: bool):
-        return Block(self.cfg, self.attention_cls, self.dtype, self.attention_implementation, name=str(i))(
-            x, positions, mask, kv, cache_index, deterministic)
 
 
 # What a rematerialised layer keeps for the backward pass: "full" keeps only its input (the
@@ -177,21 +190,39 @@ class Transformer(nn.Module):
     attention_implementation: str
 
     def setup(self):
-        init = normal(self.cfg["initializer_range"])
-        vocab = self.cfg["vocab_size"]
+        cfg = self.cfg
+        init = normal(cfg["initializer_range"])
+        vocab = cfg["vocab_size"]
 
         def wte_init(key, shape, dtype=jnp.float32):
             return init(key, shape, dtype).at[vocab:].set(0)
 
-        self.wte = nn.Embed(padded_vocab(self.cfg), self.cfg["n_embd"], embedding_init=wte_init)
-        self.wpe = nn.Embed(self.cfg["n_positions"], self.cfg["n_embd"], embedding_init=init)
-        self.drop = nn.Dropout(self.cfg["embd_pdrop"])
-        self.h = Layers(self.cfg, self.attention_cls, self.dtype, self.attention_implementation)
-        self.ln_f = nn.LayerNorm(self.cfg["layer_norm_epsilon"], dtype=self.dtype)
+        self.wte = nn.Embed(padded_vocab(cfg), cfg["n_embd"], embedding_init=logical(wte_init, "vocab", "embed"))
+        self.wpe = nn.Embed(cfg["n_positions"], cfg["n_embd"], embedding_init=logical(init, "positions", "embed"))
+        self.drop = nn.Dropout(cfg["embd_pdrop"])
+        # The layers' parameters, stacked: leaf [L, ...] of the block's [...].
+        self.h = self.param("h", self.init_layers)
+        self.ln_f = layer_norm(cfg["layer_norm_epsilon"], self.dtype)
+
+    def block(self) -> Block:
+        return Block(self.cfg, self.attention_cls, self.dtype, self.attention_implementation, parent=None)
+
+    def init_layers(self, key):
+        """The parameters of n_layer blocks, each initialised from its own key, stacked on a leading
+        "layers" axis (boxed with their logical names)."""
+        d = self.cfg["n_embd"]
+        x = jnp.zeros((1, 1, d), self.dtype)
+
+        def one(k):
+            return self.block().init(k, x, jnp.arange(1), None, None, 0, True)["params"]
+
+        stacked = jax.vmap(one)(jax.random.split(key, self.cfg["n_layer"]))
+        return jax.tree.map(lambda box: box.replace(names=("layers", *box.names)), stacked,
+                            is_leaf=lambda a: isinstance(a, nn.Partitioned))
 
     def layer_fn(self, positions, mask, cache_index, deterministic: bool):
         """One layer as a pure function (params, x, kv, rngs) -> (x, kv), rematerialised by `remat`."""
-        block = Block(self.cfg, self.attention_cls, self.dtype, self.attention_implementation, parent=None)
+        block = self.block()
 
         def layer(params, x, kv, rngs):
             return block.apply({"params": params}, x, positions, mask, kv, cache_index, deterministic, rngs=rngs)
@@ -199,27 +230,20 @@ class Transformer(nn.Module):
         policy = REMAT_POLICIES[self.remat]
         return layer if policy is None else jax.checkpoint(layer, policy=policy)
 
-    def layer_inputs(self, layers: int, cache, deterministic: bool):
-        """(params, kv, rngs) of layers 0..layers-1, each stacked on a leading layer axis."""
-        params = self.h.variables["params"]
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *(params[str(i)] for i in range(layers)))
+    def layer_inputs(self, cache, deterministic: bool):
+        """(params, kv, rngs) of the layers, each on a leading layer axis; every layer draws
+        its own key from each random stream."""
         kv = None if cache is None else (cache["k"], cache["v"])
         streams = () if deterministic else self.attention_cls.rng_streams
-        rngs = {s: jax.random.split(self.make_rng(s), layers) for s in streams if self.has_rng(s)}
-        return stacked, kv, rngs
+        rngs = {s: jax.random.split(self.make_rng(s), self.cfg["n_layer"]) for s in streams if self.has_rng(s)}
+        return self.h, kv, rngs
 
     def run_blocks(self, x, positions, mask, cache: Cache, cache_index, deterministic: bool):
         """Hook: the layer stack. Core: layer after layer, each with its slice of the cache."""
         layer = self.layer_fn(positions, mask, cache_index, deterministic)
         x, kv = run_layers(lambda x, xs: layer(xs[0], x, xs[1], xs[2]), x,
-                           self.layer_inputs(self.cfg["n_layer"], cache, deterministic), self.scan)
+                           self.layer_inputs(cache, deterministic), self.scan)
         return x, (None if cache is None else {"k": kv[0], "v": kv[1]})
-
-    def create_params(self, x, positions, mask, deterministic: bool):
-        """At init: parameters come into being through the per-layer modules h/{i}."""
-        for i in range(self.cfg["n_layer"]):
-            x, _ = self.h(i, x, positions, mask, None, 0, deterministic)
-        return x
 
     def head(self, hidden):
         """fp32 logits [..., vocab_size] of the tied head."""
@@ -228,10 +252,7 @@ class Transformer(nn.Module):
     def __call__(self, input_ids, positions, mask, cache: Cache, cache_index, deterministic: bool):
         x = self.wte(input_ids) + self.wpe(positions)[None]
         x = self.drop(x, deterministic=deterministic).astype(self.dtype)
-        if self.is_initializing():
-            x = self.create_params(x, positions, mask, deterministic)
-        else:
-            x, cache = self.run_blocks(x, positions, mask, cache, cache_index, deterministic)
+        x, cache = self.run_blocks(x, positions, mask, cache, cache_index, deterministic)
         return self.ln_f(x), cache
 
 

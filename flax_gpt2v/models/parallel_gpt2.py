@@ -4,16 +4,17 @@ Differs from GPT-2 only in `Transformer.run_blocks`: blocks 2p and 2p+1 both rea
 their outputs a, b become the next x as (a + b) / 2 ("mean"), a + b ("add"), or
 bottleneck(concat(a, b)) with ONE Linear(2d -> d) shared by all pairs ("concat").
 
-The two blocks of a pair are independent given x, so they run as one computation: their
-parameters (still stored as h/{2p} and h/{2p+1}, like the HF state dict) are stacked on
-a branch axis and a single block is vmapped over it; the pairs then run like layers.
+The two blocks of a pair are independent given x, so they run as one computation: the
+stacked layers [L, ...] (stored as GPT-2 stores them, like the HF state dict's h.{i}) are
+viewed as [L/2, 2, ...] and a single block is vmapped over the branch axis; the pairs then
+run like layers.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_gpt2v.config import key_error
-from flax_gpt2v.models.gpt2 import GPT2LMHeadModel, Transformer, normal, run_layers
+from flax_gpt2v.models.gpt2 import GPT2LMHeadModel, Transformer, logical, normal, run_layers
 from flax_gpt2v.models.variant import ParamRow, Variant
 
 
@@ -22,13 +23,8 @@ class ParallelTransformer(Transformer):
         super().setup()
         if self.cfg["bottleneck_method"] == "concat":
             self.bottleneck = nn.Dense(self.cfg["n_embd"], dtype=self.dtype,
-                                       kernel_init=normal(self.cfg["initializer_range"]))
-
-    def create_params(self, x, positions, mask, deterministic: bool):
-        x = super().create_params(x, positions, mask, deterministic)
-        if self.cfg["bottleneck_method"] == "concat":
-            self.bottleneck(jnp.concatenate([x, x], axis=-1))
-        return x
+                                       kernel_init=logical(normal(self.cfg["initializer_range"]), "concat", "embed"),
+                                       bias_init=logical(nn.initializers.zeros, "embed"))
 
     def merge_fn(self):
         """(a, b) -> next x as a pure function (it runs inside the scan over pairs)."""
@@ -37,6 +33,8 @@ class ParallelTransformer(Transformer):
             return lambda a, b: (a + b) / 2
         if method == "add":
             return lambda a, b: a + b
+        if self.is_initializing():  # the scan body is pure: the parameters must exist before it
+            self.bottleneck(jnp.zeros((1, 2 * self.cfg["n_embd"]), self.dtype))
         dense = nn.Dense(self.cfg["n_embd"], dtype=self.dtype, parent=None)
         params = self.bottleneck.variables["params"]
         return lambda a, b: dense.apply({"params": params}, jnp.concatenate([a, b], axis=-1))
@@ -46,7 +44,7 @@ class ParallelTransformer(Transformer):
         merge = self.merge_fn()
         # Layer inputs [L, ...] -> [L/2, 2, ...]: pair p is layers (2p, 2p+1).
         pairs = jax.tree.map(lambda a: a.reshape(a.shape[0] // 2, 2, *a.shape[1:]),
-                             self.layer_inputs(self.cfg["n_layer"], cache, deterministic))
+                             self.layer_inputs(cache, deterministic))
 
         def pair(x, xs):
             ys, kv = jax.vmap(lambda params, kv, rngs: layer(params, x, kv, rngs))(*xs)

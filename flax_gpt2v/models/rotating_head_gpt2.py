@@ -8,7 +8,7 @@ import flax.linen as nn
 
 from flax_gpt2v.models import ops
 from flax_gpt2v.config import head_dim, key_error
-from flax_gpt2v.models.gpt2 import Attention, GPT2LMHeadModel
+from flax_gpt2v.models.gpt2 import Attention, GPT2LMHeadModel, layer_norm, logical
 from flax_gpt2v.models.variant import ParamRow, Variant
 
 ROPE_NORM_EPS = 1e-5  # docs/variants/rotating-head-gpt2.md
@@ -23,13 +23,13 @@ class HeadFrequencies(nn.Module):
         cfg = self.cfg
         shape = (cfg["n_head"], head_dim(cfg) // 2)
         if cfg["rotatinghead"] == "lr":
-            f = self.param("frequencies", nn.initializers.normal(stddev=1.0), shape)
+            f = self.param("frequencies", logical(nn.initializers.normal(stddev=1.0), "heads", "rotary"), shape)
         else:
             f = ops.gp_frequencies(cfg["n_head"], head_dim(cfg), cfg["base_frequency"], cfg["gp_scales"])
         if cfg["use_norm"]:
             # The norm of frequencies is computed in fp32 whatever the compute dtype. eps is
             # 1e-5 whatever layer_norm_epsilon says: the original builds nn.LayerNorm(Dh // 2).
-            f = nn.LayerNorm(ROPE_NORM_EPS, name="layer_norm")(f)
+            f = layer_norm(ROPE_NORM_EPS, None, "layer_norm")(f)
         return f
 
 

@@ -16,7 +16,6 @@ A resumed run never calls `initial_params`: it continues from its own checkpoint
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -25,7 +24,7 @@ from flax_gpt2v.hf import checkpoint, layouts as hf_layouts
 from flax_gpt2v.config import MASK_TOKEN, PRESETS, ConfigError, inner_dim, padded_vocab
 from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.errors import first_line
-from flax_gpt2v.hf.keymap import flatten_params, key_table, unflatten_params
+from flax_gpt2v.hf.keymap import flatten_params, flax_shapes, unflatten_params
 
 # Keys that fix the function of the pretrained weights: the training config may repeat them, not change them.
 SIZE_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "n_inner", "activation_function", "layer_norm_epsilon")
@@ -125,12 +124,12 @@ def merge_config(model_raw: Mapping[str, Any], train: Mapping[str, Any]) -> tupl
 def check_structure(src: Mapping[str, Any], cfg: Mapping[str, Any], name: str) -> list[str]:
     """Parameters of model `cfg` that checkpoint `src` lacks (the added ones); refuses, in
     one line, a model in which some checkpoint parameter has no place."""
-    theirs = {e.flax_path: e.shape for e in key_table(src) if e.flax_path != WTE}
-    mine = {e.flax_path: e.shape for e in key_table(cfg) if e.flax_path != WTE}
+    theirs = {path: shape for path, shape in flax_shapes(src).items() if path != WTE}
+    mine = {path: shape for path, shape in flax_shapes(cfg).items() if path != WTE}
     lost = sorted(k for k in theirs if k not in mine)
     if lost:
         raise ConfigError(f"config key 'model_type': a {describe(cfg)} model has no place for the "
-                          f"{describe(src)} checkpoint {name}'s {_group(lost)}; starting from a checkpoint "
+                          f"{describe(src)} checkpoint {name}'s {', '.join(lost)}; starting from a checkpoint "
                           "may add parameters to it, never drop any")
     if src["model_type"] not in (cfg["model_type"], "gpt2"):
         # A variant without parameters of its own (gp rotation, duo, parallel mean) would pass the
@@ -147,12 +146,6 @@ def check_structure(src: Mapping[str, Any], cfg: Mapping[str, Any], name: str) -
 def describe(cfg: Mapping[str, Any]) -> str:
     opts = ", ".join(f"{k}={cfg[k]}" for k in variant_of(cfg).describing_keys if k != "duo_loss")
     return f"{cfg['model_type']}" + (f" ({opts})" if opts else "")
-
-
-def _group(paths: list[str]) -> str:
-    """h/0/x, h/1/x, ... -> h/*/x, so a list of per-layer parameters stays one short line."""
-    grouped = sorted({re.sub(r"/h/\d+/", "/h/*/", p) for p in paths})
-    return ", ".join(grouped)
 
 
 def resize_rows(old: np.ndarray, rows: int, seed: int) -> np.ndarray:
@@ -190,7 +183,7 @@ def initial_params(train: Mapping[str, Any], cfg: Mapping[str, Any], fresh: Mapp
     wte = resize_rows(np.asarray(flat[WTE][:old_rows], np.float32), rows, seed)
     out[WTE] = np.concatenate([wte, np.zeros((padded_vocab(cfg) - rows, wte.shape[1]), np.float32)])
     log(f"initialised from {name} ({describe(src)}, {path}); "
-        + (f"added parameters, initialised as in a new {describe(cfg)} model: {_group(added)}"
+        + (f"added parameters, initialised as in a new {describe(cfg)} model: {', '.join(added)}"
            if added else "no added parameters"))
     if rows > old_rows:
         log(f"embeddings resized from {old_rows} to {rows} rows (the tokenizer's, with {MASK_TOKEN}); the new rows "

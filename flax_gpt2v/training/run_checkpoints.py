@@ -22,10 +22,12 @@ import sys
 import threading
 from typing import Callable
 
-from flax_gpt2v.hf.checkpoint import CheckpointError
 from flax_gpt2v.errors import first_line
+from flax_gpt2v.hf.checkpoint import NATIVE_FORMAT, PER_LAYER_FORMAT, CheckpointError
 
 MANIFEST = "sha256.json"
+# The state's layout goes with the native one (hf/checkpoint.py); saved in each step's meta.
+FORMAT_KEY = "flax_gpt2v_format"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -202,10 +204,16 @@ class RunCheckpoints:
                             state=self.ocp.args.StandardRestore(abstract_state), meta=self.ocp.args.JsonRestore()))
                 except Exception as e:  # Orbax reports a damaged or mismatched tree in many exception types
                     problem = f"{self.step_dir(step)} cannot be restored: {first_line(e)}"
+                    written = self._format(step)
+                    if written not in (None, NATIVE_FORMAT):
+                        problem = (f"{self.step_dir(step)} holds flax_gpt2v_format {written} state; this version "
+                                   f"restores format {NATIVE_FORMAT} (the layers stacked)")
                 else:
                     self._remove(damaged)
                     self.last_saved = step
-                    return out["state"], out["meta"]
+                    meta = dict(out["meta"])
+                    meta.pop(FORMAT_KEY, None)
+                    return out["state"], meta
             damaged.append(step)
             first_problem = first_problem or problem
             if step != steps[-1]:
@@ -216,6 +224,16 @@ class RunCheckpoints:
                                   f"another flax-gpt2v version, damaged, or never verified); step {steps[0]}: "
                                   f"{first_problem}; use a new output_dir")
         return None
+
+    def _format(self, step: int) -> int | None:
+        """The state format a step's meta names (none: format 2, before it was saved), or None when
+        its meta is unreadable."""
+        try:
+            with quiet_orbax():
+                meta = self.manager.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))
+        except Exception:  # damaged: the caller reports Orbax's own error
+            return None
+        return meta["meta"].get(FORMAT_KEY, PER_LAYER_FORMAT)
 
     def _remove(self, steps: list[int]) -> None:
         # Training will reach these steps again and write them anew.
@@ -234,7 +252,8 @@ class RunCheckpoints:
         _hush.enter()  # until _vouch ends: Orbax's threads write, and may fail, meanwhile
         try:
             self.manager.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
-                                                                 meta=self.ocp.args.JsonSave(dict(meta))))
+                                                                 meta=self.ocp.args.JsonSave(
+                                                                     {**meta, FORMAT_KEY: NATIVE_FORMAT})))
         except Exception as e:
             _hush.exit()
             self._failed(step, e)

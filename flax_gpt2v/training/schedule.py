@@ -5,15 +5,11 @@ first update of a warmed-up run uses lr 0; optax's step count agrees.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import jax
 import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-# The key under which the optimizer holds the blocks h/{i} stacked on a leading layer axis.
-LAYERS = "layers"
 
 
 def lr_schedule(kind: str, peak: float, warmup: int, total: int):
@@ -44,48 +40,9 @@ def decay_mask(params):
         lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
 
 
-def stack_layers(tree):
-    """The blocks `h/{i}` (any dict keyed "0".."n-1" of same-shaped subtrees) as one subtree
-    `{LAYERS: ...}` whose leaves have a leading layer axis; the rest of the tree as it is."""
-    if not isinstance(tree, Mapping):
-        return tree
-    n = len(tree)
-    if n > 1 and set(tree) == {str(i) for i in range(n)}:
-        layers = [tree[str(i)] for i in range(n)]
-        shapes = [jax.tree.map(lambda a: (a.shape, a.dtype), layer) for layer in layers]
-        if all(s == shapes[0] for s in shapes):
-            return {LAYERS: jax.tree.map(lambda *a: jnp.stack(a), *layers)}
-    return {key: stack_layers(value) for key, value in tree.items()}
-
-
-def unstack_layers(tree):
-    """The inverse of `stack_layers`."""
-    if not isinstance(tree, Mapping):
-        return tree
-    if set(tree) == {LAYERS}:
-        stacked = tree[LAYERS]
-        return {str(i): jax.tree.map(lambda a: a[i], stacked) for i in range(jax.tree.leaves(stacked)[0].shape[0])}
-    return {key: unstack_layers(value) for key, value in tree.items()}
-
-
-def over_stacked_layers(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`inner` applied to the parameters with their layers stacked (`stack_layers`), its state
-    kept that way. Per-leaf work (moments, clipping norms, decay) then happens once for all
-    layers: the step's program, and its compile time, stop growing with depth through the
-    optimizer, while the parameter tree keeps mirroring the Hugging Face names."""
-    def init(params):
-        return inner.init(stack_layers(params))
-
-    def update(updates, state, params=None):
-        updates, state = inner.update(stack_layers(updates), state, stack_layers(params))
-        return unstack_layers(updates), state
-
-    return optax.GradientTransformation(init, update)
-
-
 def adamw(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           max_grad_norm: float | None = 1.0):
     """Gradient clipping by global norm, then decoupled AdamW (torch.optim.AdamW's update)."""
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
-    return over_stacked_layers(optax.chain(*parts))
+    return optax.chain(*parts)

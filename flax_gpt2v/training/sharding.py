@@ -3,13 +3,14 @@
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose
 replicas also split every large weight along the embedding axis) and `tensor`
 (heads and MLP columns split Megatron-style). A batch is split over
-(data, fsdp). A weight axis is only split when the mesh axis divides it, else
-it stays whole, so every config runs on every mesh, just less sharded.
+(data, fsdp). Parameters name their axes where the model makes them (models/gpt2.py,
+`logical`); `LOGICAL_RULES` alone maps those names onto the mesh, for the parameters
+and their optimizer state alike. A weight axis is only split when the mesh axis
+divides it, else it stays whole, so every config runs on every mesh, just less sharded.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping
 
 import jax
@@ -18,23 +19,27 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_gpt2v.config import ConfigError
-from flax_gpt2v.training.schedule import LAYERS
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# (regex on the '/'-joined parameter path, mesh axis per array axis). First match wins.
-# Column-parallel layers split their output (heads, MLP hidden) over `tensor`,
-# row-parallel ones their input, so a block needs one reduction per layer.
-RULES = (
-    (r"attn/c_attn/kernel$", ("fsdp", "tensor")),        # [d, 3d]
-    (r"attn/c_proj/kernel$", ("tensor", "fsdp")),        # [d, d]
-    (r"mlp/c_fc/kernel$", ("fsdp", "tensor")),           # [d, 4d]
-    (r"mlp/c_proj/kernel$", ("tensor", "fsdp")),         # [4d, d]
-    (r"wte/embedding$", ("tensor", "fsdp")),             # [V, d]
-    (r"wpe/embedding$", (None, "fsdp")),                 # [P, d]
-    (r"bottleneck/kernel$", (None, "fsdp")),             # [d or 2d, d]
-)
+# Logical axis name -> mesh axis (None: never split). Column-parallel matmuls (qkv, c_fc)
+# split their output heads / MLP columns over `tensor`, row-parallel ones (c_proj) their
+# input, so a block needs one reduction per sublayer and no resharding; `fsdp` splits the
+# model width of every weight that has it.
+LOGICAL_RULES = {
+    "layers": None,     # the stacked layers: every device runs every layer
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "qkv": None,        # q, k, v: each device needs all three of its heads
+    "kv": None,         # the head dimension
+    "rotary": None,     # rotating head's per-head frequencies
+    "positions": None,
+    "norm": None,       # LayerNorm scales and biases: small
+    "concat": None,     # the parallel bottleneck's two-branch input
+}
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, devices=None) -> Mesh:
@@ -76,32 +81,35 @@ def batch_size_multiple(mesh: Mesh) -> int:
 
 def path_str(path) -> str:
     """'/'-joined dict keys of a tree path; optimizer-state wrappers (tuple indices, fields) drop out,
-    so `opt_state[1][0].mu['transformer']...` gets the rule of its parameter."""
+    so `opt_state[1][0].mu['transformer']...` names its parameter."""
     return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, optimizer: bool = False) -> P:
-    """The PartitionSpec of a parameter, or with `optimizer` of its optimizer moments: those
-    split their `fsdp` axis over (data, fsdp), so pure data parallelism keeps one shard of
-    the Adam state per device (ZeRO-1) instead of a full copy."""
+def spec_for(names: tuple, shape: tuple[int, ...], mesh: Mesh, optimizer: bool = False) -> P:
+    """The PartitionSpec of a parameter with logical axis `names`, or with `optimizer` of its
+    optimizer moments: those split their `fsdp` axis over (data, fsdp), so pure data parallelism
+    keeps one shard of the Adam state per device (ZeRO-1) instead of a full copy."""
     def axis(name, dim):
-        if name == "fsdp" and optimizer and mesh.shape["data"] > 1 and dim % batch_size_multiple(mesh) == 0:
+        mesh_axis = LOGICAL_RULES[name]
+        if mesh_axis == "fsdp" and optimizer and mesh.shape["data"] > 1 and dim % batch_size_multiple(mesh) == 0:
             return BATCH_AXES
-        return name if name and dim % mesh.shape[name] == 0 else None
+        return mesh_axis if mesh_axis and dim % mesh.shape[mesh_axis] == 0 else None
 
-    # The optimizer's stacked layers (schedule.stack_layers) add a leading layer axis, kept whole.
-    layers = (None,) if f"/{LAYERS}/" in f"/{path}/" else ()
-    for pattern, axes in RULES:
-        if re.search(pattern, path) and len(layers) + len(axes) == len(shape):
-            return P(*layers, *(axis(a, dim) for a, dim in zip(axes, shape[len(layers):])))
-    return P()  # biases, LayerNorms, variant scalars: small, replicated
+    return P(*(axis(name, dim) for name, dim in zip(names, shape)))
 
 
-def tree_shardings(tree, mesh: Mesh, optimizer: bool = False):
-    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) of parameters, or with
-    `optimizer` of optimizer state (see spec_for)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(path_str(path), tuple(x.shape), mesh, optimizer)), tree)
+def tree_shardings(tree, axes: Mapping[str, tuple], mesh: Mesh, optimizer: bool = False):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) of parameters, or with `optimizer`
+    of optimizer state, from `axes` ('/'-joined parameter path -> logical names, models.param_axes).
+    A leaf is placed like its parameter when its path and rank are the parameter's (Adam's moments),
+    else replicated (step counts)."""
+    def sharding(path, x):
+        names = axes.get(path_str(path))
+        if names is None or len(names) != len(x.shape):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec_for(names, tuple(x.shape), mesh, optimizer))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

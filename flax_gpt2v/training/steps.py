@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flax_gpt2v.models import ops
+from flax_gpt2v.models import init_params, ops, param_axes
 from flax_gpt2v.training import sharding
 
 # Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
@@ -166,19 +166,18 @@ def eval_metrics(sums: Mapping[str, np.ndarray]) -> dict:
 def init_state(module, tx, mesh, seed: int):
     """(state, state shardings): fp32 parameters initialised like `flax_gpt2v.init(cfg, seed)`,
     created directly in their shards."""
-    dummy = jnp.zeros((1, 1), jnp.int32)
-
     def create(key):
-        params = module.init(key, dummy)["params"]
+        params = init_params(module, key)
         # bad_steps: non-finite steps in a row up to this one; skipped_steps: all of them.
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                 "bad_steps": jnp.zeros((), jnp.int32), "skipped_steps": jnp.zeros((), jnp.int32)}
 
     shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
+    axes = param_axes(module)
     shardings = {"step": sharding.replicated(mesh), "bad_steps": sharding.replicated(mesh),
                  "skipped_steps": sharding.replicated(mesh),
-                 "params": sharding.tree_shardings(shapes["params"], mesh),
-                 "opt_state": sharding.tree_shardings(shapes["opt_state"], mesh, optimizer=True)}
+                 "params": sharding.tree_shardings(shapes["params"], axes, mesh),
+                 "opt_state": sharding.tree_shardings(shapes["opt_state"], axes, mesh, optimizer=True)}
     state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
 

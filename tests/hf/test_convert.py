@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from flax_gpt2v.hf.checkpoint import CheckpointError, is_hf, is_native, load_hf_dir, load_native, save_hf_dir, save_native
 from flax_gpt2v.models import load_config
-from flax_gpt2v.hf.keymap import ConversionError, flatten_params, flax_to_torch_state, key_table, torch_to_flax_params, unflatten_params
+from flax_gpt2v.hf.keymap import (ConversionError, flatten_params, flax_shapes, flax_to_torch_state, key_table,
+                                  torch_to_flax_params, unflatten_params)
 
 from helpers import (FIXTURES, KEY_TINY as TINY, KEY_VARIANTS as VARIANTS, ROOT, openai_config,  # noqa: F401
                      reference_gpt2, save_layout)
@@ -25,7 +26,7 @@ def tiny_config(variant, **overrides):
 def random_params(cfg, seed=0):
     """Random values for every key, the embedding's padding rows zero as in any real model."""
     rng = np.random.default_rng(seed)
-    flat = {e.flax_path: rng.standard_normal(e.shape).astype(np.float32) for e in key_table(cfg)}
+    flat = {path: rng.standard_normal(shape).astype(np.float32) for path, shape in flax_shapes(cfg).items()}
     flat["transformer/wte/embedding"][cfg["vocab_size"]:] = 0
     return unflatten_params(flat)
 
@@ -64,6 +65,26 @@ def test_padded_embedding_is_trimmed_on_export_and_padded_on_import():
     params["transformer"]["wte"]["embedding"][120, 3] = 1.0
     with pytest.raises(ConversionError, match="non-zero padding rows beyond 100"):
         flax_to_torch_state(params, cfg)
+
+
+def test_layer_slices_map_to_torch_layers():
+    """Slice i of a stacked leaf is transformer.h.{i}; qkv [d, 3, H, Dh] and c_proj [H, Dh, d] hold
+    Conv1D's [d, 3d] and [d, d] in its order: column s*d + h*Dh + j is (s, h, j)."""
+    cfg = tiny_config("gpt2", n_layer=3)
+    params = random_params(cfg)
+    state = flax_to_torch_state(params, cfg)
+    attn = params["transformer"]["h"]["attn"]
+    d, h, dh = 16, 4, 4
+    assert attn["c_attn"]["kernel"].shape == (3, d, 3, h, dh) and attn["c_proj"]["kernel"].shape == (3, h, dh, d)
+    for i in range(3):
+        qkv = state[f"transformer.h.{i}.attn.c_attn.weight"]
+        np.testing.assert_array_equal(qkv[:, d + 2 * dh + 1], attn["c_attn"]["kernel"][i, :, 1, 2, 1])  # k, head 2
+        np.testing.assert_array_equal(state[f"transformer.h.{i}.attn.c_attn.bias"][2 * d:3 * d],
+                                      attn["c_attn"]["bias"][i, 2].ravel())
+        np.testing.assert_array_equal(state[f"transformer.h.{i}.attn.c_proj.weight"][dh * 3 + 2],
+                                      attn["c_proj"]["kernel"][i, 3, 2])
+        np.testing.assert_array_equal(state[f"transformer.h.{i}.mlp.c_fc.weight"],
+                                      params["transformer"]["h"]["mlp"]["c_fc"]["kernel"][i])
 
 
 def test_variant_keys():
@@ -108,15 +129,17 @@ def test_torch_side_reports_every_problem_at_once():
 def test_flax_side_reports_every_problem_at_once():
     cfg = tiny_config("rh-lr-norm")
     flat = flatten_params(random_params(cfg))
-    del flat["transformer/h/0/attn/rope/layer_norm/scale"]
-    flat["transformer/h/0/attn/rope/extra"] = np.zeros(2, np.float32)
+    del flat["transformer/h/attn/rope/layer_norm/scale"]
+    flat["transformer/h/attn/rope/extra"] = np.zeros(2, np.float32)
     flat["transformer/wpe/embedding"] = np.zeros((9, 16), np.float32)
+    flat["transformer/h/attn/c_attn/kernel"] = flat["transformer/h/attn/c_attn/kernel"][:1]  # one layer of two
     with pytest.raises(ConversionError) as info:
         flax_to_torch_state(unflatten_params(flat), cfg)
     err = info.value
-    assert err.missing == ["transformer/h/0/attn/rope/layer_norm/scale"]
-    assert err.unexpected == ["transformer/h/0/attn/rope/extra"]
-    assert err.mismatched == [("transformer/wpe/embedding", (8, 16), (9, 16))]
+    assert err.missing == ["transformer/h/attn/rope/layer_norm/scale"]
+    assert err.unexpected == ["transformer/h/attn/rope/extra"]
+    assert err.mismatched == [("transformer/wpe/embedding", (8, 16), (9, 16)),
+                              ("transformer/h/attn/c_attn/kernel", (2, 16, 3, 4, 4), (1, 16, 3, 4, 4))]
 
 
 def test_wrong_variant_state_is_rejected():
@@ -153,11 +176,26 @@ def test_native_round_trip(tmp_path):
     files = save_native(tmp_path / "ck", cfg, params, tokenizer_dir=tmp_path / "tok")
     assert files == ["config.json", "flax_params.safetensors", "merges.txt", "vocab.json"]
     assert is_native(tmp_path / "ck") and not is_hf(tmp_path / "ck")
-    assert json.loads((tmp_path / "ck" / "config.json").read_text())["flax_gpt2v_format"] == 2
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["flax_gpt2v_format"] == 3
     cfg2, params2 = load_native(tmp_path / "ck")
     assert cfg2 == cfg
     assert_same_tree(params, params2)
     assert sorted(os.listdir(tmp_path)) == ["ck", "tok"]  # no temporary directories left
+
+
+@pytest.mark.parametrize("case", ["dd-both", "parallel-concat"])
+def test_format_2_native_checkpoint_still_loads(case):
+    """Written by flax-gpt2v before the layers were stacked (per-layer h/{i} keys, [d, 3d] qkv):
+    converted on load, the same function as then (its logits saved beside it)."""
+    import flax_gpt2v as fg
+
+    path = os.path.join(ROOT, "tests", "fixtures", "native-format2", case)
+    assert json.load(open(os.path.join(path, "config.json")))["flax_gpt2v_format"] == 2
+    cfg, params = load_native(path)
+    assert sorted(flatten_params(params)) == sorted(flax_shapes(cfg))
+    lm = fg.load(path)
+    ids = np.arange(12).reshape(2, 6) % 50
+    np.testing.assert_allclose(np.asarray(lm(ids)), np.load(os.path.join(path, "logits.npy")), rtol=1e-5, atol=1e-5)
 
 
 def test_native_save_refuses_to_overwrite(tmp_path):
@@ -199,7 +237,9 @@ def test_native_checkpoint_with_wrong_keys(tmp_path):
     save_native(tmp_path / "ck", cfg, random_params(cfg))
     raw = json.loads((tmp_path / "ck" / "config.json").read_text())
     (tmp_path / "ck" / "config.json").write_text(json.dumps({**raw, "n_layer": 3}))
-    with pytest.raises(ConversionError, match="missing 12 key"):
+    # Stacked layers: a third layer is a longer layer axis on every per-layer leaf.
+    with pytest.raises(ConversionError, match=r"12 shape mismatch\(es\): transformer/h/ln_1/scale expected \(3, 16\) "
+                                              r"got \(2, 16\)"):
         load_native(tmp_path / "ck")
 
 

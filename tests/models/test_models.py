@@ -38,7 +38,8 @@ def test_original_duo_interleaved_parity():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generate_with_cache_equals_recomputation(variant):
-    lm = perturbed_lm(variant, seed=1)
+    # A seed whose random models all generate varied text (seed 1's dd-both repeats one token).
+    lm = perturbed_lm(variant, seed=2)
     prompt = random_ids((2, 6), seed=2)
     out = np.asarray(lm.generate(prompt, max_new_tokens=20))
     # Causal, so logits at t of a right-padded buffer are those of the prefix: one compile.
@@ -212,10 +213,13 @@ def test_init_is_spec_init():
     p = fg.init(cfg, seed=0).params["transformer"]
     proj = 0.02 / np.sqrt(2 * 8)
     # Each tensor has >= 65k samples: its std is within 2% of the init's.
-    for tensor, std in [(p["wte"]["embedding"], 0.02), (p["h"]["0"]["attn"]["c_attn"]["kernel"], 0.02),
-                        (p["h"]["3"]["attn"]["c_proj"]["kernel"], proj), (p["h"]["3"]["mlp"]["c_proj"]["kernel"], proj)]:
+    h = p["h"]
+    for tensor, std in [(p["wte"]["embedding"], 0.02), (h["attn"]["c_attn"]["kernel"][0], 0.02),
+                        (h["attn"]["c_proj"]["kernel"][3], proj), (h["mlp"]["c_proj"]["kernel"][3], proj)]:
         assert abs(float(jnp.std(tensor)) / std - 1) < 0.02
-    assert float(jnp.abs(p["h"]["0"]["attn"]["c_attn"]["bias"]).max()) == 0.0
+    # Every layer draws its own values.
+    assert float(jnp.abs(h["mlp"]["c_fc"]["kernel"][0] - h["mlp"]["c_fc"]["kernel"][1]).min()) > 0.0
+    assert float(jnp.abs(h["attn"]["c_attn"]["bias"]).max()) == 0.0
     assert float(jnp.abs(p["ln_f"]["scale"] - 1).max()) == 0.0
 
 

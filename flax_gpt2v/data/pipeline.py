@@ -85,18 +85,7 @@ class DataSpec:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "DataSpec":
-        dataset = cfg.get("dataset")
-        if isinstance(dataset, str):
-            dataset = {"path": dataset}
-        if dataset is not None and not isinstance(dataset, dict):
-            raise DataError(f"config key 'dataset' must be a name or a mapping, got {dataset!r}")
-        dataset = dict(dataset or {})
-        train_file, validation_file = cfg.get("train_file"), cfg.get("validation_file")
-        train_files = cfg.get("train_files") or []
-        if isinstance(train_files, str) or not all(isinstance(f, str) for f in train_files):
-            raise DataError(f"config key 'train_files' must be a list of file names, got {train_files!r}")
-        if train_file and train_files:
-            raise DataError("config has both 'train_file' and 'train_files'; give one")
+        dataset, train_file, train_files = _text_source(cfg)
         # How to group and where pre-tokenized blocks are, whatever the text source.
         num_proc = dataset.pop("num_proc", None)
         pretokenized = dataset.pop("pretokenized", None)
@@ -104,85 +93,33 @@ class DataSpec:
             raise DataError("config has both 'dataset' and 'train_file'; give one source")
         if train_files:  # the original's rule: local files replace the dataset
             train_file, dataset = list(train_files), {}
+        validation_file = cfg.get("validation_file")
         if validation_file and not train_file:
             raise DataError("config key 'validation_file' needs 'train_file' too")
-
         source = dataset.pop("source", "hf" if (dataset or train_file) else "embedded")
         if source not in ("hf", "tfds", "embedded"):
             raise DataError(f"dataset source must be hf, tfds or embedded, got {source!r}")
-        local_paths: tuple[str, ...] = ()
         if train_file:
-            first = train_file if isinstance(train_file, str) else train_file[0]
-            ext = os.path.splitext(first)[1].lstrip(".").lower()
-            if ext not in _FILE_BUILDERS:
-                raise DataError(f"train_file {first!r}: unsupported extension {ext!r}; "
-                                f"expected one of {', '.join(sorted(_FILE_BUILDERS))}")
-            files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
-            for split, paths in files.items():
-                for path in [paths] if isinstance(paths, str) else paths:
-                    _check_local_file("train_files" if train_files else f"{split}_file", path, ext)
-            dataset = {"path": _FILE_BUILDERS[ext], "data_files": files}
-            # run_clm's default: text files keep their line breaks.
-            if dataset["path"] == "text":
-                dataset["keep_linebreaks"] = True
-            local_paths = tuple(_data_file_paths(files))
-        elif source == "hf":
-            if "path" not in dataset:
-                raise DataError("config key 'dataset' needs a 'path' (e.g. wikitext)")
-            local_paths = tuple(_data_file_paths(dataset.get("data_files")))
-            if os.path.exists(dataset["path"]):
-                local_paths += (dataset["path"],)
-        elif source == "tfds":
-            if "name" not in dataset:
-                raise DataError("config key 'dataset' with source tfds needs a 'name'")
-            # The named dataset's own files (every version, config and split under data_dir/<name>),
-            # not the whole data_dir: a shared TFDS directory holds other datasets too.
-            if dataset.get("data_dir"):
-                local_paths = (os.path.join(dataset["data_dir"], dataset["name"].split(":")[0].split("/")[0]),)
-
-        text_column = dataset.pop("text_column", None)
-        train_split = dataset.pop("train_split", "train")
-        validation_split = dataset.pop("validation_split", "validation")
-        map_batch_size = cfg.get("batch_size")
-        for key, n in (("block_size", cfg.get("block_size")), ("max_seq_length", cfg.get("max_seq_length")),
-                       ("batch_size", map_batch_size),
-                       ("dataset.num_proc", num_proc), ("max_train_samples", cfg.get("max_train_samples")),
-                       ("max_eval_samples", cfg.get("max_eval_samples"))):
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
-                raise DataError(f"config key '{key}' must be a positive integer, got {n!r}")
-        percentage = cfg.get("validation_split_percentage")
-        if percentage is not None:  # the original's files give it as a string, "1"
-            try:
-                percentage = int(percentage)
-            except (TypeError, ValueError):
-                percentage = None
-            if percentage is None or not 0 < percentage < 100:
-                raise DataError("config key 'validation_split_percentage' must be a whole number "
-                                f"from 1 to 99, got {cfg.get('validation_split_percentage')!r}")
-        if source == "embedded":
-            # The embedded corpus has its own fixed split; these keys would otherwise be silently dropped.
-            for key in ("max_train_samples", "validation_split_percentage"):
-                if cfg.get(key) is not None:
-                    raise DataError(f"config key '{key}' applies to a dataset or train_file, not to the "
-                                    f"embedded corpus; give a data source or remove it (--{key} null)")
-        block_size = block_length(cfg) or DEFAULT_BLOCK_SIZE
-        tokenizer_name = cfg.get("tokenizer_name") or DEFAULT_TOKENIZER
+            dataset, local_paths = _local_files(train_file, validation_file, bool(train_files))
+        else:
+            local_paths = _dataset_paths(source, dataset)
+        percentage = _check_numbers(cfg, num_proc, source)
         return cls(
             source=source,
+            text_column=dataset.pop("text_column", None),
+            train_split=dataset.pop("train_split", "train"),
+            validation_split=dataset.pop("validation_split", "validation"),
             options=dataset,
-            text_column=text_column,
-            train_split=train_split,
-            validation_split=validation_split,
             validation_split_percentage=percentage,
-            block_size=block_size,
+            block_size=block_length(cfg) or DEFAULT_BLOCK_SIZE,
             seed=int(cfg["seed"]) if cfg.get("seed") is not None else 42,
             data_seed=cfg.get("data_seed"),
-            tokenizer_name=tokenizer_name,
+            tokenizer_name=cfg.get("tokenizer_name") or DEFAULT_TOKENIZER,
             hf_cache_dir=cfg.get("cache_dir"),
             max_train_samples=cfg.get("max_train_samples"),
             max_eval_samples=cfg.get("max_eval_samples"),
             local_paths=local_paths,
-            map_batch_size=map_batch_size,
+            map_batch_size=cfg.get("batch_size"),
             pretokenized=pretokenized,
             num_proc=num_proc,
             streaming=bool(cfg.get("streaming")),
@@ -641,6 +578,81 @@ def _check_local_file(key: str, path: str, ext: str) -> None:
     except UnicodeDecodeError as e:
         raise DataError(f"config key '{key}': {path} is not UTF-8 text (byte {head[e.start]:#04x} at offset "
                         f"{e.start}); convert it, e.g. iconv -t utf-8") from None
+
+
+def _text_source(cfg: dict) -> tuple[dict, object, list]:
+    """(dataset options as a new dict, train_file, train_files) of the config, their types checked."""
+    dataset = cfg.get("dataset")
+    if isinstance(dataset, str):
+        dataset = {"path": dataset}
+    if dataset is not None and not isinstance(dataset, dict):
+        raise DataError(f"config key 'dataset' must be a name or a mapping, got {dataset!r}")
+    train_file, train_files = cfg.get("train_file"), cfg.get("train_files") or []
+    if isinstance(train_files, str) or not all(isinstance(f, str) for f in train_files):
+        raise DataError(f"config key 'train_files' must be a list of file names, got {train_files!r}")
+    if train_file and train_files:
+        raise DataError("config has both 'train_file' and 'train_files'; give one")
+    return dict(dataset or {}), train_file, train_files
+
+
+def _local_files(train_file, validation_file, from_train_files: bool) -> tuple[dict, tuple[str, ...]]:
+    """(load_dataset options, the files whose changes invalidate the cache) of local text files."""
+    first = train_file if isinstance(train_file, str) else train_file[0]
+    ext = os.path.splitext(first)[1].lstrip(".").lower()
+    if ext not in _FILE_BUILDERS:
+        raise DataError(f"train_file {first!r}: unsupported extension {ext!r}; "
+                        f"expected one of {', '.join(sorted(_FILE_BUILDERS))}")
+    files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
+    for split, paths in files.items():
+        for path in [paths] if isinstance(paths, str) else paths:
+            _check_local_file("train_files" if from_train_files else f"{split}_file", path, ext)
+    dataset = {"path": _FILE_BUILDERS[ext], "data_files": files}
+    if dataset["path"] == "text":  # run_clm's default: text files keep their line breaks
+        dataset["keep_linebreaks"] = True
+    return dataset, tuple(_data_file_paths(files))
+
+
+def _dataset_paths(source: str, dataset: dict) -> tuple[str, ...]:
+    """The local files of a dataset source whose changes invalidate the cache."""
+    if source == "hf":
+        if "path" not in dataset:
+            raise DataError("config key 'dataset' needs a 'path' (e.g. wikitext)")
+        paths = tuple(_data_file_paths(dataset.get("data_files")))
+        return paths + ((dataset["path"],) if os.path.exists(dataset["path"]) else ())
+    if source == "tfds":
+        if "name" not in dataset:
+            raise DataError("config key 'dataset' with source tfds needs a 'name'")
+        # The named dataset's own files (every version, config and split under data_dir/<name>),
+        # not the whole data_dir: a shared TFDS directory holds other datasets too.
+        if dataset.get("data_dir"):
+            return (os.path.join(dataset["data_dir"], dataset["name"].split(":")[0].split("/")[0]),)
+    return ()
+
+
+def _check_numbers(cfg: dict, num_proc, source: str) -> int | None:
+    """Checks the counts and sizes of the data keys; returns validation_split_percentage as an int."""
+    for key, n in (("block_size", cfg.get("block_size")), ("max_seq_length", cfg.get("max_seq_length")),
+                   ("batch_size", cfg.get("batch_size")),
+                   ("dataset.num_proc", num_proc), ("max_train_samples", cfg.get("max_train_samples")),
+                   ("max_eval_samples", cfg.get("max_eval_samples"))):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise DataError(f"config key '{key}' must be a positive integer, got {n!r}")
+    percentage = cfg.get("validation_split_percentage")
+    if percentage is not None:  # the original's files give it as a string, "1"
+        try:
+            percentage = int(percentage)
+        except (TypeError, ValueError):
+            percentage = None
+        if percentage is None or not 0 < percentage < 100:
+            raise DataError("config key 'validation_split_percentage' must be a whole number "
+                            f"from 1 to 99, got {cfg.get('validation_split_percentage')!r}")
+    if source == "embedded":
+        # The embedded corpus has its own fixed split; these keys would otherwise be silently dropped.
+        for key in ("max_train_samples", "validation_split_percentage"):
+            if cfg.get(key) is not None:
+                raise DataError(f"config key '{key}' applies to a dataset or train_file, not to the "
+                                f"embedded corpus; give a data source or remove it (--{key} null)")
+    return percentage
 
 
 def _data_file_paths(data_files) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from flax_gpt2v.cli import ArgumentParser, run_cli
+from flax_gpt2v.errors import ArgumentParser, run_cli
 from flax_gpt2v.hf.checkpoint import EXPORT_DTYPES, export_hf, import_hf
 
 _FORCE_HELP = "replace the files a previous conversion wrote in DST (nothing else there is touched)"

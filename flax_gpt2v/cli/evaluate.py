@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from flax_gpt2v.cli import ArgumentParser, run_cli
+from flax_gpt2v.errors import ArgumentParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

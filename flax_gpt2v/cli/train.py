@@ -7,7 +7,7 @@ same output_dir resumes from its last checkpoint. See flax_gpt2v/training/traine
 """
 import sys
 
-from flax_gpt2v.cli import run_cli
+from flax_gpt2v.errors import run_cli
 
 
 def help_text() -> str:

@@ -43,7 +43,7 @@ from flax_gpt2v.training import sharding
 from flax_gpt2v.training.options import TrainOptions
 from flax_gpt2v.training.steps import (eval_loop, flops_per_token, init_state, jit_train_step, make_eval_step,
                                        peak_flops)
-from flax_gpt2v.cli import ArgumentParser, run_cli
+from flax_gpt2v.errors import ArgumentParser, run_cli
 from flax_gpt2v.config import PRESETS, TRAINING_KEYS, ConfigError, read_json
 from flax_gpt2v.models import load_config
 from flax_gpt2v.models.gpt2 import REMAT_POLICIES

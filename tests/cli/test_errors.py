@@ -27,7 +27,7 @@ import train_jax
 from flax_gpt2v.training import options
 from flax_gpt2v.evaluation.benchmark import main as benchmark_main
 from flax_gpt2v.hf.checkpoint import NATIVE_WEIGHTS, export_hf, is_hf, is_native
-from flax_gpt2v.cli import run_cli
+from flax_gpt2v.errors import run_cli
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from helpers import ROOT, perturbed_lm
 

@@ -1,4 +1,4 @@
-"""The suite's one conftest: paths, markers, the variants table and shared session fixtures.
+"""The suite's one conftest: tests/ on sys.path, the session's JAX compilation cache, the whole_machine group.
 
 Layout: tests/<subpackage>/ mirrors flax_gpt2v/<subpackage>/ (models, hf, data, training, evaluation, cli).
 Test modules never import each other; what several share is in tests/helpers.py, which the scripts that
@@ -7,13 +7,7 @@ tests run in subprocesses import too (with tests/ on sys.path).
 The variants table: helpers.VARIANTS (every JAX variant and option, small configs), with the tables
 for the key table (KEY_VARIANTS), the torch twins (TWIN_VARIANTS) and tiny training runs
 (TRAIN_VARIANTS); conftest puts tests/ on sys.path, so every test
-folder imports them as `from helpers import ...`.
-
-Markers (registered in pyproject.toml too):
-  slow        runs training in subprocesses (a minute or more on a loaded CPU); deselect with -m 'not slow'
-  whole_machine  starts several processes that each want every core (multi-host pairs, 8 simulated
-              devices); under pytest-xdist these share one worker (xdist_group "whole_machine") so that
-              two of them never run at once.
+folder imports them as `from helpers import ...`. The markers are pyproject.toml's.
 
 Run with `python -m pytest -n auto` (pytest-xdist, `--dist loadgroup` from pyproject's addopts)."""
 import os
@@ -38,21 +32,6 @@ if _OWN_CACHE:
     os.environ["FLAX_GPT2V_TEST_JAX_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-import helpers  # noqa: E402
-from helpers import VARIANTS  # noqa: E402,F401  (the variants table)
-
-MARKERS = {
-    "slow": "runs training in subprocesses (a minute or more on a loaded CPU); deselect with -m 'not slow'",
-    "whole_machine": "starts several processes that each want the whole machine; under xdist they share one "
-                     "worker (xdist_group 'whole_machine')",
-}
-
-
-def pytest_configure(config):
-    for name, text in MARKERS.items():
-        config.addinivalue_line("markers", f"{name}: {text}")
-
 
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):

@@ -21,7 +21,7 @@ from flax_gpt2v.training import run_checkpoints, sharding
 from flax_gpt2v.config import TRAINING_KEYS, ConfigError
 from flax_gpt2v.hf.keymap import flatten_params
 from flax_gpt2v.hf.checkpoint import CheckpointError
-from flax_gpt2v.training.schedule import adamw, decay_mask, lr_schedule
+from flax_gpt2v.training.schedule import decay_mask, lr_schedule
 from flax_gpt2v.training import options, run_files, steps, trainer as tr
 from helpers import KILLED_RUN, ROOT, TESTS, TINY, TRAIN_VARIANTS as VARIANTS, corpus, read_metrics, tiny_config
 

@@ -17,7 +17,7 @@ from flax_gpt2v.models.ops import next_token_targets
 # A parameter the variant adds: (Flax path, Flax shape[, transform]). Inside a layer the path is
 # relative to the layer (e.g. "attn/drift_param"); at model level it is absolute. The transform is
 # hf.keymap's ("transpose" for what torch keeps as an nn.Linear), "none" when left out.
-ParamRow = tuple
+ParamRow = tuple[str, tuple[int, ...]] | tuple[str, tuple[int, ...], str]
 
 
 def no_params(cfg: Mapping[str, Any]) -> list[ParamRow]:

@@ -282,6 +282,13 @@ class ByteTokenizer:
             json.dump({"type": "bytes", "vocab_size": self.vocab_size}, f)
 
 
+def simulated_devices_env(n: int, **extra) -> dict:
+    """The environment for a subprocess that sees `n` CPU devices, keeping the suite's other XLA flags."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={n}"]), **extra}
+
+
 def corpus(block=BLOCK):
     """The repository's docs/ (English prose) as bytes cut into blocks; the last tenth is the validation split."""
     docs = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))

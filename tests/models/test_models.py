@@ -167,23 +167,29 @@ def test_construction_options_keep_the_math(variant):
     cfg = lm.config
     targets = ops.next_token_targets(ids)
 
-    def loss(params, module, **kw):
-        nll, count, _ = ops.cross_entropy(module.apply({"params": params}, ids, interleaved=interleaved, **kw), targets)
-        return nll / count
+    def grads(module, **kw):
+        # Jitted: eager op-by-op dispatch would compile every primitive of the model on its own.
+        def loss(params):
+            nll, count, _ = ops.cross_entropy(module.apply({"params": params}, ids, interleaved=interleaved, **kw),
+                                              targets)
+            return nll / count
+        return jax.jit(jax.grad(loss))(lm.params)
 
-    ref_grads = jax.grad(loss)(lm.params, build_model(cfg))
+    def forward(module):
+        return jax.jit(lambda p: module.apply({"params": p}, ids, interleaved=interleaved))(lm.params)
+
+    ref_grads = grads(build_model(cfg))
     for module in (build_model(cfg, remat="full"), build_model(cfg, remat="dots"), build_model(cfg, scan=False)):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **FP32_TOL),
-                     jax.grad(loss)(lm.params, module), ref_grads)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **FP32_TOL), grads(module), ref_grads)
     # A training pass with dropout 0 takes the explicit attention path (the one dropout needs).
     no_dropout = fg.load_config({**cfg, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0})
     explicit = build_model({**no_dropout, "attn_pdrop": 1e-30})
     rngs = {"dropout": jax.random.PRNGKey(0), "diffusion": jax.random.PRNGKey(0)}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **FP32_TOL),
-                 jax.grad(loss)(lm.params, explicit, deterministic=False, rngs=rngs),
-                 jax.grad(loss)(lm.params, build_model(no_dropout), deterministic=False, rngs=rngs))
-    ref = build_model(cfg).apply({"params": lm.params}, ids, interleaved=interleaved)
-    bf16 = build_model(cfg, dtype=jnp.bfloat16).apply({"params": lm.params}, ids, interleaved=interleaved)
+                 grads(explicit, deterministic=False, rngs=rngs),
+                 grads(build_model(no_dropout), deterministic=False, rngs=rngs))
+    ref = forward(build_model(cfg))
+    bf16 = forward(build_model(cfg, dtype=jnp.bfloat16))
     assert bf16.dtype == jnp.float32
     # bf16 keeps 8 significant bits; over a forward pass the error is a few percent of the
     # logits' scale (also in transformers' own GPT-2), so compare against that scale.

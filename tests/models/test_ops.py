@@ -27,7 +27,8 @@ def test_causal_mask_with_offset(t, offset):
 @settings(max_examples=20, deadline=None)
 def test_duo_mask_follows_spec(n_real):
     length = 2 * n_real - 1
-    mask = np.asarray(ops.duo_mask(length))
+    # Jitted as the model calls it; eagerly each length would compile every op on its own.
+    mask = np.asarray(jax.jit(ops.duo_mask, static_argnums=0)(length))
     for q in range(length):
         m = q // 2
         if q % 2 == 0:
@@ -127,9 +128,10 @@ def test_chunked_cross_entropy_is_cross_entropy(t, chunk_len):
     def chunked(h, emb):
         return ops.chunked_cross_entropy(h, emb, targets, 11, chunk_len)
 
-    for a, b in zip(chunked(h, emb), full(h, emb)):
+    # Jitted, as the train step calls it: eagerly every op would compile on its own for each shape.
+    for a, b in zip(jax.jit(chunked)(h, emb), jax.jit(full)(h, emb)):
         np.testing.assert_allclose(a, b, rtol=1e-5)
-    grads = [jax.grad(lambda h, e: f(h, e)[0], argnums=(0, 1))(h, emb) for f in (chunked, full)]
+    grads = [jax.jit(jax.grad(lambda h, e: f(h, e)[0], argnums=(0, 1)))(h, emb) for f in (chunked, full)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
     assert float(jnp.abs(grads[0][1][11:]).max()) == 0.0
 

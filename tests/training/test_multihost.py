@@ -17,7 +17,7 @@ import pytest
 import flax_gpt2v as fg
 from flax_gpt2v.training import run_guard
 
-from helpers import ROOT, TESTS, read_metrics
+from helpers import ROOT, TESTS, read_metrics, simulated_devices_env
 
 # Two processes that each want the machine: under xdist, one such test at a time (tests/conftest.py).
 pytestmark = pytest.mark.whole_machine
@@ -50,8 +50,7 @@ def free_port() -> int:
 
 
 def launch(out, devices: int, extra=EXTRA, **env):
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                **env}
+    full_env = simulated_devices_env(devices, **env)
     script = WORKER.format(tests=TESTS, out=str(out), extra=extra)
     return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

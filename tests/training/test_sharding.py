@@ -6,7 +6,6 @@ hence the subprocesses with XLA_FLAGS.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import types
@@ -30,8 +29,8 @@ ROOT = tt.ROOT
 
 
 def run_on_devices(n: int, script: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, **kw)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env=tt.simulated_devices_env(n), **kw)
 
 
 def test_rules():

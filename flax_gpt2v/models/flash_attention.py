@@ -104,7 +104,8 @@ def reference_attention(q, k, v, pattern: ops.MaskPattern = ops.CAUSAL, dropout_
 class BlockSizes:
     """Tile sizes (queries, keys), powers of two >= 16 (Triton's smallest matmul). `forward` for the
     forward pass, `backward` for both backward kernels (dk, dv over key blocks; dq over query blocks)."""
-    forward: tuple[int, int] = (64, 64)
+    # Untuned (no GPU has run them yet): FlashAttention-2's Triton tiles for Dh = 64.
+    forward: tuple[int, int] = (128, 64)
     backward: tuple[int, int] = (64, 64)
 
     def padded_length(self, length: int) -> int:
@@ -254,7 +255,7 @@ SEED_SPEC = pl.BlockSpec((), lambda n, b, h: ())
 
 
 def _num_warps(block_q: int, block_k: int, d: int) -> int:
-    return 4 if block_q * block_k <= 64 * 64 and d <= 64 else 8
+    return 4 if block_q * block_k <= 128 * 64 and d <= 64 else 8
 
 
 def _forward(q, k, v, seed, st: _Static):

@@ -158,8 +158,10 @@ class JaxSide:
         dtype = jnp.bfloat16 if bf16 else jnp.float32
         self.build_options = build_options  # build_model's keyword options besides dtype
         self.attention = attention_implementation(build_options["attention"], dtype)
-        # Attention dropout has no fused kernel in JAX: training takes the explicit path then.
-        self.train_attention = "explicit" if work.cfg["attn_pdrop"] > 0 else self.attention
+        # Attention dropout has no fused kernel in jax.nn: training takes the explicit path then (the
+        # flash kernel draws its dropout inside).
+        self.train_attention = ("explicit" if work.cfg["attn_pdrop"] > 0 and self.attention != "flash"
+                                else self.attention)
         self.module = build_model(work.cfg, dtype=dtype, **build_options)
         self.state, shardings = init_state(build_model(work.cfg), tx, mesh, seed)
         self.batch = jax.device_put({"input_ids": work.input_ids, "targets": work.targets},

@@ -1,6 +1,7 @@
-"""The models: the GPT-2 core (gpt2.py), one file per variant, the pure math (ops.py), decoding
-(generate.py), the registry below, the one place that lists the variants, and the one place
-that builds a module and makes its parameters.
+"""The models: the GPT-2 core (gpt2.py), one file per variant, the pure math (ops.py), the Pallas
+attention kernel with in-kernel dropout (flash_attention.py), decoding (generate.py), the registry
+below, the one place that lists the variants, and the one place that builds a module and makes its
+parameters.
 
 A variant is its own file (Flax classes + its `VARIANT` spec, models/variant.py), its torch twin
 under hf/twins/, and one line in `VARIANTS`. Everything else asks the registry.
@@ -28,7 +29,7 @@ VARIANTS: dict[str, Variant] = {v.model_type: v for v in (
     duo_predict_gpt2.VARIANT,
     rotating_head_gpt2.VARIANT,
 )}
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "flash")
 
 
 def variant_of(cfg: Mapping[str, Any]) -> Variant:
@@ -66,7 +67,8 @@ def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, a
 
     dtype: compute dtype (params stay fp32); remat: "none", "full" or "dots" (see
     gpt2.REMAT_POLICIES); scan: layers as one lax.scan (the layer compiled once);
-    attention: "auto", "xla" or "cudnn".
+    attention: "auto", "xla", "cudnn" or "flash" (models/flash_attention.py; opt-in: "auto" never
+    picks it).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")

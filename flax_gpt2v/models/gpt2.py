@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2v.models import ops
+from flax_gpt2v.models import flash_attention, ops
 from flax_gpt2v.config import head_dim, inner_dim, padded_vocab
 from flax_gpt2v.models.variant import Variant
 
@@ -58,7 +58,8 @@ def proj_std(cfg) -> float:
 class Attention(nn.Module):
     cfg: dict
     dtype: Dtype = jnp.float32
-    # jax.nn.dot_product_attention backend: "xla" or "cudnn" (fused, GPU, bf16/fp16 only).
+    # jax.nn.dot_product_attention backend: "xla" or "cudnn" (fused, GPU, bf16/fp16 only); or "flash"
+    # (models/flash_attention.py: a Pallas kernel with the attention dropout inside it).
     implementation: str = "xla"
 
     # Random streams this attention draws from in training; variants add theirs.
@@ -88,9 +89,17 @@ class Attention(nn.Module):
         return o
 
     def attend(self, q, k, v, mask, deterministic: bool, implementation: str):
-        """softmax(q k^T / sqrt(Dh)) v over q [B, T, H, Dh], k, v [B, S, H, Dh]; mask [T, S],
-        or None for causal with T == S. Scores and softmax are fp32 in every path."""
-        if deterministic or self.attn_dropout.rate == 0.0:
+        """softmax(q k^T / sqrt(Dh)) v over q [B, T, H, Dh], k, v [B, S, H, Dh]; mask: None for causal
+        with T == S, an ops.MaskPattern (T == S) or a boolean [T, S]. Scores and softmax are fp32 in
+        every path."""
+        rate = 0.0 if deterministic else self.attn_dropout.rate
+        if implementation == "flash":
+            # Dropout drawn inside the kernel: each layer's key gives its own seed.
+            seed = flash_attention.seed_from_key(self.make_rng("dropout")) if rate else None
+            return flash_attention.attention(q, k, v, ops.CAUSAL if mask is None else mask, rate, seed)
+        if isinstance(mask, ops.MaskPattern):
+            mask = mask.matrix(q.shape[1])
+        if not rate:
             return ops.fused_attention(q, k, v, mask, implementation)
         # Dropout on the probabilities needs them materialised: no fused kernel in JAX exposes that.
         if mask is None:
@@ -273,7 +282,7 @@ class GPT2LMHeadModel(nn.Module):
     transformer_cls = Transformer
 
     def layout(self, length: int, interleaved: bool, cache_index):
-        """Hook: (positions [T], mask [T, T] or None for causal) of the input."""
+        """Hook: (positions [T], mask: None for causal, or an ops.MaskPattern) of the input."""
         if interleaved:
             raise ValueError(f"{self.cfg['model_type']} has no interleaved layout")
         return jnp.arange(length) + cache_index, None

@@ -4,7 +4,9 @@ Masks are boolean, True where a query may attend to a key, shaped [Tq, Tk].
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +31,45 @@ def duo_positions(length: int):
     return jnp.arange(length) // 2
 
 
-def duo_mask(length: int):
-    """docs/variants/duo-predict-gpt2.md attention pattern over the interleaved layout.
+def duo_allowed(q_index, k_index):
+    """docs/variants/duo-predict-gpt2.md attention pattern over the interleaved layout, between
+    query indices [Tq] and key indices [Tk].
 
     A real token (index 2m) sees real tokens x_0..x_m. The mask after x_m (index
     2m+1) sees x_0..x_{m-1}, itself and the next real token x_{m+1}, never x_m.
     """
-    q = jnp.arange(length)[:, None]
-    k = jnp.arange(length)[None, :]
+    q, k = q_index[:, None], k_index[None, :]
     q_real, k_real = q % 2 == 0, k % 2 == 0
     qm, km = q // 2, k // 2
     real_query = q_real & k_real & (km <= qm)
     mask_query = ~q_real & ((k_real & (km <= qm - 1)) | (k == q) | (k_real & (km == qm + 1)))
     return real_query | mask_query
+
+
+def duo_mask(length: int):
+    """`duo_allowed` over a whole interleaved sequence: [length, length]."""
+    return duo_allowed(jnp.arange(length), jnp.arange(length))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPattern:
+    """A self-attention mask as a function of indices, so that a blockwise kernel computes each tile
+    of it where it needs it (models/flash_attention.py) instead of reading a [T, T] array.
+
+    `allowed(q_index [Tq], k_index [Tk]) -> bool [Tq, Tk]`; `reach`: no query q sees a key beyond
+    index q + reach (the tiles a kernel may skip).
+    """
+    allowed: Callable
+    reach: int
+
+    def matrix(self, length: int):
+        """The mask [length, length] of a whole sequence."""
+        return self.allowed(jnp.arange(length), jnp.arange(length))
+
+
+CAUSAL = MaskPattern(causal_mask, reach=0)
+# The mask after x_m sees x_{m+1}, one index past itself.
+DUO = MaskPattern(duo_allowed, reach=1)
 
 
 def fused_attention(q, k, v, mask, implementation: str, pad_odd: bool | None = None):

@@ -79,8 +79,10 @@ class TrainOptions:
     remat_policy: str = option("dots", "what gradient checkpointing keeps: dots (matmul outputs) or full (nothing)",
                                lambda v: None if v in ("full", "dots") else f"must be 'full' or 'dots', got {v!r}")
     scan_layers: bool = option(True, "run the layers as one lax.scan (compile time flat in depth)")
-    attention_implementation: str = option("auto", f"attention kernel: {', '.join(ATTENTION_IMPLEMENTATIONS)}",
-                                           one_of(ATTENTION_IMPLEMENTATIONS))
+    attention_implementation: str = option(
+        "auto", "attention kernel: auto (cuDNN's fused one on a GPU in bf16, else xla), xla, cudnn, or flash (a "
+                "Pallas kernel with the attention dropout inside: never holds the [B, H, T, T] scores; opt-in, "
+                "README: Flash attention)", one_of(ATTENTION_IMPLEMENTATIONS))
     logging_steps: int = option(500, "write training metrics every N steps", positive_int)
     eval_steps: int = option(500, "evaluate on the validation blocks every N steps (and keep the best in best/)",
                              positive_int)

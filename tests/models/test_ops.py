@@ -41,6 +41,19 @@ def test_duo_mask_follows_spec(n_real):
     assert not any(mask[2 * m + 1, 2 * m] for m in range(n_real - 1))
 
 
+@given(st.integers(2, 40))
+@settings(max_examples=5, deadline=None)
+def test_mask_patterns_reach(n_real):
+    """A pattern's matrix is its mask; no query sees past its own index + reach (the tiles a blockwise
+    kernel skips), and duo's mask after x_m does reach x_{m+1}."""
+    length = 2 * n_real - 1
+    np.testing.assert_array_equal(ops.DUO.matrix(length), ops.duo_mask(length))
+    np.testing.assert_array_equal(ops.CAUSAL.matrix(length), np.tril(np.ones((length, length), bool)))
+    for pattern in (ops.CAUSAL, ops.DUO):
+        q, k = np.nonzero(np.asarray(pattern.matrix(length)))
+        assert (k - q).max() == pattern.reach
+
+
 def test_duo_positions():
     assert ops.duo_positions(7).tolist() == [0, 0, 1, 1, 2, 2, 3]
 

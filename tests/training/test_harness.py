@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 
 import numpy as np
@@ -17,12 +16,16 @@ from flax_gpt2v.data.tokenizer import load_tokenizer  # noqa: E402
 from flax_gpt2v.hf import checkpoint  # noqa: E402
 from flax_gpt2v.training import harness  # noqa: E402
 
-from helpers import ROOT, TINY, perturbed_lm, read_metrics, tiny_config, write_small_tokenizer  # noqa: E402
+from helpers import ROOT, read_metrics, shaped_random_lm, tiny_config, write_small_tokenizer  # noqa: E402
 
 # lm-eval and datasets must never reach for the network: the tasks are local files.
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Chosen once: lm-eval's `hf` model (torch) and ours (JAX) sum the same log-probabilities in float32.
 NATS = 1e-3
+# The models' positions: every request then fits the harness's smallest bucket (harness.MIN_BUCKET), so a
+# variant compiles one scoring shape and one decoder; texts longer than that span several rolling windows
+# and generation prompts are left-truncated, both as lm-eval's own model does.
+POSITIONS = 16
 
 ANIMALS = ["fox", "dog", "cat", "owl", "bee", "cow"]
 TEXT = "".join(f"The {a} {v} the {b} at dawn. Q: who {v}? A: the {a}.\n"
@@ -69,7 +72,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
     write_small_tokenizer(root / "tok0", TEXT.splitlines(keepends=True))
     tok = load_tokenizer(str(root / "tok0"))
-    tok.save(str(root / "tok"), model_max_length=64)
+    tok.save(str(root / "tok"), model_max_length=POSITIONS)
     tasks = root / "tasks"
     tasks.mkdir()
     for name, (yaml, rows) in TASKS.items():
@@ -122,17 +125,24 @@ def test_results_equal_lm_eval_hf_model_on_the_export(setup, variant, tmp_path):
 
     tok = setup.tok
     extra = {"mask_token_id": tok.mask_token_id} if variant == "duo-predict" else {}
-    lm = perturbed_lm(variant, seed=1, vocab_size=tok.vocab_size, n_positions=64, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.eos_token_id, **extra)
+    lm = shaped_random_lm(variant, seed=1, vocab_size=tok.vocab_size, n_positions=POSITIONS,
+                          eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **extra)
     lm.tokenizer_dir = str(setup.root / "tok")
     native, hf, out = tmp_path / "native", tmp_path / "hf", tmp_path / "results"
     lm.save(native)
     checkpoint.export_hf(native, hf)
 
-    start = time.perf_counter()
-    assert eval_jax.main(["--checkpoint", str(native), "--tasks", ",".join(TASKS), "--include_path", setup.tasks,
-                          "--batch_size", "4", "--output_path", str(out), "--log_samples", "--no_progress"]) == 0
-    print(f"{variant}: JAX harness {time.perf_counter() - start:.1f} s")
+    argv = ["--checkpoint", str(native), "--tasks", ",".join(TASKS), "--include_path", setup.tasks,
+            "--batch_size", "4", "--output_path", str(out), "--log_samples", "--no_progress"]
+    if variant == "duo-predict":
+        # One variant as a real process on 2 devices: each batch of 4 requests split over both.
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "eval_jax.py"), *argv], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, **OFFLINE, "JAX_PLATFORMS": "cpu",
+                                          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+        assert p.returncode == 0, p.stderr
+        assert "tiny_mc" in p.stdout and "acc_norm" in p.stdout  # lm-eval's table
+    else:
+        assert eval_jax.main(argv) == 0
     ours = _samples(out)
     [results_file] = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("results_")]
     with open(results_file) as f:
@@ -142,6 +152,8 @@ def test_results_equal_lm_eval_hf_model_on_the_export(setup, variant, tmp_path):
     theirs = evaluator.simple_evaluate(model=reference, tasks=list(TASKS), log_samples=True,
                                        task_manager=TaskManager(include_path=setup.tasks, include_defaults=False))
     assert set(ours) == set(TASKS)
+    # The generations compared below are text, not empty strings cut at once by a stop string.
+    assert sum(bool(s["resps"][0][0].strip()) for s in ours["tiny_gen"]) >= 3
     for task in TASKS:
         their_samples = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
         assert len(ours[task]) == len(their_samples) == len(TASKS[task][1])
@@ -150,3 +162,54 @@ def test_results_equal_lm_eval_hf_model_on_the_export(setup, variant, tmp_path):
         for key, value in theirs["results"][task].items():
             if isinstance(value, float) and "stderr" not in key:
                 assert ours_results[task][key] == pytest.approx(value, rel=1e-3), (task, key)
+
+
+def test_errors_are_one_line(setup, tmp_path):
+    """A task the harness does not know, and lm-eval not installed: one `error:` line, exit status 2."""
+    lm = shaped_random_lm("gpt2", vocab_size=setup.tok.vocab_size, n_positions=POSITIONS)
+    lm.tokenizer_dir = str(setup.root / "tok")
+    lm.save(tmp_path / "native")
+    argv = ["--checkpoint", str(tmp_path / "native"), "--tasks", "tiny_mc,no_such_task_anywhere"]
+    without_lm_eval = "import sys; sys.modules['lm_eval'] = None; import eval_jax; sys.exit(eval_jax.main(sys.argv[1:]))"
+    for command, message in (([os.path.join(ROOT, "eval_jax.py"), *argv, "--include_path", setup.tasks],
+                              "unknown task 'no_such_task_anywhere'"),
+                             (["-c", without_lm_eval, *argv], "pip install '.[eval]'")):
+        p = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, **OFFLINE})
+        assert p.returncode == 2, p.stderr
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, p.stderr
+
+
+def test_metric_record_and_tags():
+    from flax_gpt2v.training.reporting import hf_tags
+
+    results = {"results": {"lambada_openai": {"alias": "lambada_openai", "acc,none": 0.5, "acc_stderr,none": 0.1,
+                                              "perplexity,none": 12.0},
+                           "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"}}}
+    record = harness.metric_record(results)
+    assert record == {"eval/lambada_openai/acc": 0.5, "eval/lambada_openai/perplexity": 12.0,
+                      "eval/gsm8k/exact_match/strict-match": 0.25}
+    assert hf_tags({"step": 3, "eval_loss": 2.0, **record}) == {"eval/loss": 2.0, **record}
+
+
+def test_bucket_and_cut():
+    assert [harness.bucket(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    assert harness.bucket(40, 48) == 48
+    assert harness.cut_generation([5, 6, 0, 7], {0}) == [5, 6] and harness.cut_generation([5, 6], {0}) == [5, 6]
+
+
+def test_training_logs_harness_metrics(setup, tmp_path):
+    """eval_harness_tasks (task YAML files here) at each evaluation: eval/<task>/<metric> in metrics.jsonl."""
+    from flax_gpt2v.training import trainer
+
+    ids = np.asarray(setup.tok.encode(TEXT), np.int32)
+    blocks = ids[: len(ids) // 32 * 32].reshape(-1, 32)
+    prepared = types.SimpleNamespace(tokenizer=setup.tok, train=blocks[:-4], validation=blocks[-4:],
+                                     source="harness test text")
+    out = tmp_path / "run"
+    trainer.train(tiny_config("gpt2", out, max_steps=2, warmup_steps=1, eval_steps=2, save_steps=2, logging_steps=2,
+                              per_device_train_batch_size=4, eval_harness_tasks=[os.path.join(setup.tasks, "tiny_mc.yaml")],
+                              eval_harness_limit=2), prepared=prepared, log=print)
+    [record] = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert record["step"] == 2 and 0.0 <= record["eval/tiny_mc/acc"] <= 1.0

@@ -65,6 +65,9 @@ def run_harness(args) -> dict:
 
     if args.batch_size <= 0:
         raise ev.EvalError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.output or args.generate is not None:
+        raise ev.EvalError(f"{'--output' if args.output else '--generate'} does not go with --tasks "
+                           "(lm-eval's results go to --output_path DIR)")
     tasks = harness.resolve_tasks([t for t in args.tasks.split(",") if t], args.include_path, "--tasks")
     path = args.checkpoint or args.hf
     hf = args.hf or (path if os.path.isdir(path) and not checkpoint.is_native(path) and checkpoint.is_hf(path)

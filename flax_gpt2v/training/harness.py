@@ -10,7 +10,8 @@ context/continuation pair), the same truncation to the model's positions, the sa
 the same stop strings; only the computation is ours. Loglikelihood requests are sorted by length,
 padded on the right to a few bucket lengths (powers of two) and a fixed number of rows, so a task
 compiles a handful of shapes; each batch is split over the mesh's batch axes. generate_until runs
-models/generate.py's KV-cache decoding on prompts of one length at a time (padded to a bucket), then cuts
+models/generate.py's KV-cache decoding on prompts of one length at a time (padded to a bucket: the model
+takes one set of positions per batch, so prompts of different lengths never share a batch), then cuts
 the text at the first end-of-text token and at the first stop string. Duo-predict is called in its plain
 layout, as its export is.
 
@@ -20,7 +21,7 @@ global arrays over all devices, and each process reads the results back.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

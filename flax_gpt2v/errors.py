@@ -29,7 +29,7 @@ def first_line(e: BaseException, *, with_type: bool = False) -> str:
 _EXPECTED = {"flax_gpt2v.config": "ConfigError", "flax_gpt2v.hf.files": "CheckpointError",
              "flax_gpt2v.hf.keymap": "ConversionError", "flax_gpt2v.data.common": "DataError",
              "flax_gpt2v.evaluation.evaluate": "EvalError", "flax_gpt2v.data.tokenizer": "TokenizerError",
-             "flax_gpt2v.errors": "UsageError"}
+             "flax_gpt2v.training.harness": "HarnessError", "flax_gpt2v.errors": "UsageError"}
 
 
 # Failures of the filesystem as a whole, which name no file: full, over quota, read-only.

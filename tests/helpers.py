@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 import flax_gpt2v as fg
+from flax_gpt2v.models import init_params
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -142,6 +143,18 @@ def perturbed_lm(variant, seed=0, scale=0.3, **overrides):
     # The embedding's padding rows (config.padded_vocab) are zero in every real model.
     lm.params["transformer"]["wte"]["embedding"][lm.config["vocab_size"]:] = 0
     return lm
+
+
+def shaped_random_lm(variant, seed=0, scale=0.3, **overrides):
+    """A small model whose parameters are all N(0, scale), made from their shapes alone: no initialisation
+    is compiled, for tests that compare two implementations of whatever model they are given."""
+    cfg = fg.load_config(small_config(variant, **overrides))
+    module = fg.build_model(cfg)
+    shapes = jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda x: scale * rng.standard_normal(x.shape).astype(np.float32), shapes)
+    params["transformer"]["wte"]["embedding"][cfg["vocab_size"]:] = 0  # padding rows, as in every real model
+    return fg.LM(cfg, params)
 
 
 def random_ids(shape, vocab=SMALL["vocab_size"], seed=0):

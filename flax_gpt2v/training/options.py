@@ -86,6 +86,13 @@ class TrainOptions:
     logging_steps: int = option(500, "write training metrics every N steps", positive_int)
     eval_steps: int = option(500, "evaluate on the validation blocks every N steps (and keep the best in best/)",
                              positive_int)
+    eval_harness_tasks: list = option(
+        [], "lm-evaluation-harness tasks run at each evaluation, logged as eval/<task>/<metric>: names (e.g. "
+            "lambada_openai) or task YAML files; needs pip install '.[eval]'",
+        lambda v: None if all(isinstance(t, str) and t for t in v) else f"must be a list of task names, got {v!r}")
+    eval_harness_limit: float | None = option(
+        None, "examples per harness task at each evaluation: a count, or a fraction (< 1) of the task (null: all)",
+        bounded(lambda v: v is None or v > 0, "> 0 or null"), kind=float)
     save_steps: int = option(500, "write a checkpoint every N steps", positive_int)
     save_total_limit: int | None = option(None, "keep the last N checkpoints (null: all)", positive_int)
     early_stopping_patience: int | None = option(2, "stop after N evaluations without improvement (null: never)")

@@ -38,8 +38,10 @@ def resolve_report_to(value: Any) -> list[str]:
 
 
 def hf_tags(record: dict) -> dict:
-    """metrics.jsonl record -> HF's tags (`eval_loss` -> `eval/loss`, `loss` -> `train/loss`), numbers only."""
-    return {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in record.items()
+    """metrics.jsonl record -> HF's tags (`eval_loss` -> `eval/loss`, `loss` -> `train/loss`), numbers only;
+    a key that is already a tag (the harness's `eval/<task>/<metric>`) stays as it is."""
+    return {(k if "/" in k else f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v
+            for k, v in record.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

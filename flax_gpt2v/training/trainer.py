@@ -35,7 +35,7 @@ from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
 from flax_gpt2v.models import build_model, variant_of
-from flax_gpt2v.training import original_experiments, pretrained, run_guard, sharding
+from flax_gpt2v.training import harness, original_experiments, pretrained, run_guard, sharding
 from flax_gpt2v.training.options import (DATA_KEYS, IGNORED_KEYS, TrainOptions, fit_to_tokenizer,
                                          load_run_config)
 from flax_gpt2v.training.run_checkpoints import RunCheckpoints
@@ -120,6 +120,7 @@ class Run:
         saved_run = self._setup_output_dir()
         self._setup_schedule()
         self._setup_model()
+        self._setup_harness()
         self._restore(saved_run)
         self.metrics_log = MetricsLog(opts, self.start, self.run_config, log)
         log(f"{self.model_cfg['model_type']}: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
@@ -198,6 +199,23 @@ class Run:
                                          accum=opts.gradient_accumulation_steps, seed=opts.seed,
                                          interleaved=interleaved)
         self.eval_step = jit_eval_step(module, self.mesh, self.state_shardings["params"], interleaved=interleaved)
+        self.eval_module = module
+
+    def _setup_harness(self) -> None:
+        """The eval_harness_tasks, checked before training starts; lm-eval is imported only when set."""
+        self.harness = self.harness_tasks = None
+        opts = self.opts
+        if not opts.eval_harness_tasks:
+            return
+        hf_tokenizer = getattr(self.prepared.tokenizer, "hf", None)
+        if hf_tokenizer is None:
+            raise ConfigError("config key 'eval_harness_tasks': the harness needs a Hugging Face tokenizer, and "
+                              f"this run's is {self.prepared.tokenizer!r}")
+        self.harness_tasks = harness.resolve_tasks(opts.eval_harness_tasks, None, "config key 'eval_harness_tasks'")
+        # The eval step's module (plain layout, the run's compute dtype) on the training mesh; the
+        # parameters are the current ones at each evaluation.
+        self.harness = harness.make_harness_lm(self.eval_module, None, hf_tokenizer, self.model_cfg, self.mesh,
+                                               self.eval_batch_size, progress=False)
 
     def _restore(self, saved_run: dict | None) -> None:
         """Resume from the run's checkpoints, or start from model_name_or_path; writes run_config.json."""
@@ -282,13 +300,21 @@ class Run:
         self.bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tps:.0f}" if tps else "-")
 
     def evaluate(self) -> dict:
-        """The eval metrics of the current parameters ({} without validation blocks), logged."""
+        """The eval metrics of the current parameters and the eval_harness_tasks' ({} without either), logged."""
+        record = {}
         validation = self.prepared.validation
-        if validation is None or len(validation) == 0:
+        if validation is not None and len(validation):
+            batches = (global_batch(local, self.batch_sharding) for local in data.eval_batches(
+                validation, self.eval_batch_size, self.model_cfg, jax.process_index(), jax.process_count()))
+            record.update(eval_metrics(eval_loop(self.eval_step, self.state["params"], batches)))
+        if self.harness is not None:
+            self.harness.params = self.state["params"]
+            results = harness.run_tasks(self.harness, self.harness_tasks, limit=self.opts.eval_harness_limit,
+                                        bootstrap_iters=0)  # no standard errors: they are not logged
+            record.update(harness.metric_record(results))
+        if not record:
             return {}
-        batches = (global_batch(local, self.batch_sharding) for local in data.eval_batches(
-            validation, self.eval_batch_size, self.model_cfg, jax.process_index(), jax.process_count()))
-        record = {"step": self.done, **eval_metrics(eval_loop(self.eval_step, self.state["params"], batches))}
+        record = {"step": self.done, **record}
         self.metrics_log.write(record)
         self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         return record

@@ -16,7 +16,8 @@ from flax_gpt2v.data.tokenizer import load_tokenizer  # noqa: E402
 from flax_gpt2v.hf import checkpoint  # noqa: E402
 from flax_gpt2v.training import harness  # noqa: E402
 
-from helpers import ROOT, read_metrics, shaped_random_lm, tiny_config, write_small_tokenizer  # noqa: E402
+from helpers import (ROOT, read_metrics, shaped_random_lm, simulated_devices_env, tiny_config,
+                     write_small_tokenizer)  # noqa: E402
 
 # lm-eval and datasets must never reach for the network: the tasks are local files.
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -137,8 +138,7 @@ def test_results_equal_lm_eval_hf_model_on_the_export(setup, variant, tmp_path):
     if variant == "duo-predict":
         # One variant as a real process on 2 devices: each batch of 4 requests split over both.
         p = subprocess.run([sys.executable, os.path.join(ROOT, "eval_jax.py"), *argv], capture_output=True, text=True,
-                           cwd=ROOT, env={**os.environ, **OFFLINE, "JAX_PLATFORMS": "cpu",
-                                          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                           cwd=ROOT, env=simulated_devices_env(2, **OFFLINE))
         assert p.returncode == 0, p.stderr
         assert "tiny_mc" in p.stdout and "acc_norm" in p.stdout  # lm-eval's table
     else:

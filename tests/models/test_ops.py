@@ -18,7 +18,7 @@ def test_gelu_new_is_tanh_gelu():
 @settings(max_examples=15, deadline=None)
 def test_causal_mask_with_offset(t, offset):
     q = jnp.arange(t) + offset
-    mask = np.asarray(ops.causal_mask(q, jnp.arange(t + offset)))
+    mask = np.asarray(jax.jit(ops.causal_mask)(q, jnp.arange(t + offset)))
     for i in range(t):
         assert mask[i].tolist() == [k <= i + offset for k in range(t + offset)]
 
@@ -47,10 +47,11 @@ def test_mask_patterns_reach(n_real):
     """A pattern's matrix is its mask; no query sees past its own index + reach (the tiles a blockwise
     kernel skips), and duo's mask after x_m does reach x_{m+1}."""
     length = 2 * n_real - 1
-    np.testing.assert_array_equal(ops.DUO.matrix(length), ops.duo_mask(length))
-    np.testing.assert_array_equal(ops.CAUSAL.matrix(length), np.tril(np.ones((length, length), bool)))
-    for pattern in (ops.CAUSAL, ops.DUO):
-        q, k = np.nonzero(np.asarray(pattern.matrix(length)))
+    duo, causal = (jax.jit(p.matrix, static_argnums=0)(length) for p in (ops.DUO, ops.CAUSAL))
+    np.testing.assert_array_equal(duo, jax.jit(ops.duo_mask, static_argnums=0)(length))
+    np.testing.assert_array_equal(causal, np.tril(np.ones((length, length), bool)))
+    for matrix, pattern in ((causal, ops.CAUSAL), (duo, ops.DUO)):
+        q, k = np.nonzero(np.asarray(matrix))
         assert (k - q).max() == pattern.reach
 
 
@@ -141,10 +142,14 @@ def test_chunked_cross_entropy_is_cross_entropy(t, chunk_len):
     def chunked(h, emb):
         return ops.chunked_cross_entropy(h, emb, targets, 11, chunk_len)
 
-    # Jitted, as the train step calls it: eagerly every op would compile on its own for each shape.
-    for a, b in zip(jax.jit(chunked)(h, emb), jax.jit(full)(h, emb)):
+    @jax.jit  # as the train step calls it, and one compile per shape instead of one per op
+    def sums_and_grads(h, emb):
+        return [(f(h, emb), jax.grad(lambda h, e: f(h, e)[0], argnums=(0, 1))(h, emb)) for f in (chunked, full)]
+
+    (chunked_sums, chunked_grads), (full_sums, full_grads) = sums_and_grads(h, emb)
+    for a, b in zip(chunked_sums, full_sums):
         np.testing.assert_allclose(a, b, rtol=1e-5)
-    grads = [jax.jit(jax.grad(lambda h, e: f(h, e)[0], argnums=(0, 1)))(h, emb) for f in (chunked, full)]
+    grads = [chunked_grads, full_grads]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
     assert float(jnp.abs(grads[0][1][11:]).max()) == 0.0
 

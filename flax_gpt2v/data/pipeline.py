@@ -36,7 +36,6 @@ import hashlib
 import itertools
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,6 +43,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2v import durable
 from flax_gpt2v.models import ops, variant_of
 from flax_gpt2v.config import block_length
 from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
@@ -54,7 +54,8 @@ from flax_gpt2v.errors import first_line
 DEFAULT_TOKENIZER = "gpt2-medium"
 DEFAULT_BLOCK_SIZE = 1024
 # Bump when the token file layout or the grouping changes, so old caches are ignored.
-CACHE_FORMAT = 2
+# 3: the sidecar holds the tokens' SHA-256.
+CACHE_FORMAT = 3
 _FILE_BUILDERS = {"txt": "text", "text": "text", "raw": "text", "json": "json", "jsonl": "json",
                   "csv": "csv", "parquet": "parquet"}
 
@@ -159,6 +160,7 @@ class PreparedData:
     cache_hit: bool
     cache_path: str
     spec: DataSpec
+    digests: dict               # {split: SHA-256 of its cached tokens}, the data's identity (tokens_identity)
 
 
 def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = print) -> PreparedData:
@@ -177,7 +179,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
         name = spec.train_split if split == "train" else spec.validation_split
         build_blocks(base, key, corpus, name, tokenizer, spec.block_size, log)
 
-    arrays, cache_hit, directory = found or _cached_blocks(spec, tokenizer, cache_dir, {}, build, log)
+    arrays, digests, cache_hit, directory = found or _cached_blocks(spec, tokenizer, cache_dir, {}, build, log)
     if len(arrays["train"]) == 0:
         raise DataError(f"{spec.describe()}: the training split has fewer tokens than one block "
                         f"of {spec.block_size}")
@@ -188,7 +190,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     log(f"[data] {spec.describe()} | tokenizer {tokenizer.source} (vocab {tokenizer.vocab_size}) | "
         f"{len(train)} train / {len(validation)} validation blocks of {spec.block_size} | "
         f"{'cache hit' if cache_hit else 'built'}: {directory}")
-    return PreparedData(tokenizer, train, validation, spec.describe(), cache_hit, directory, spec)
+    return PreparedData(tokenizer, train, validation, spec.describe(), cache_hit, directory, spec, digests)
 
 
 def spec_tokenizer(spec: DataSpec) -> Tokenizer:
@@ -200,27 +202,36 @@ def spec_tokenizer(spec: DataSpec) -> Tokenizer:
 
 
 def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_key: dict, build, log):
-    """({split: blocks}, cache hit, directory): each split read from the cache, or made by
-    `build(split, base, key)` first."""
+    """({split: blocks}, {split: their SHA-256}, cache hit, directory): each split read from the cache,
+    or made by `build(split, base, key)` first."""
     key_data = {"format": CACHE_FORMAT, "data": spec.identity(), "block_size": spec.block_size,
                 "tokenizer": [tokenizer.source, tokenizer.fingerprint], **extra_key}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, "data", key)
     os.makedirs(directory, exist_ok=True)
-    arrays, cache_hit = {}, True
+    arrays, digests, cache_hit = {}, {}, True
     for split in ("train", "validation"):
         base = os.path.join(directory, split)
-        blocks, problem = open_blocks(base, key, spec.block_size)
-        if blocks is None:
-            if problem != "missing":
-                log(f"[data] cache {base}.bin is unusable ({problem}); rebuilding it")
-            build(split, base, key)
-            cache_hit = False
-            blocks, problem = open_blocks(base, key, spec.block_size)
-            if blocks is None:
-                raise DataError(f"cache {base}.bin was just written but cannot be read back: {problem}")
-        arrays[split] = blocks
-    return arrays, cache_hit, directory
+        arrays[split], digests[split], hit = cached_split(
+            base, key, spec.block_size, lambda: build(split, base, key), log)  # noqa: B023 (called at once)
+        cache_hit = cache_hit and hit
+    return arrays, digests, cache_hit, directory
+
+
+def cached_split(base: str, key: str, block_size: int, build: Callable[[], None], log) -> tuple[np.ndarray, str, bool]:
+    """(blocks, their SHA-256, whether the cache had them) of base.bin: read from the cache, or made by
+    build() first; a damaged cache (a torn or empty file, a sidecar that does not match) is named in
+    one line and rebuilt."""
+    blocks, digest = open_blocks(base, key, block_size)
+    if blocks is not None:
+        return blocks, digest, True
+    if digest != "missing":
+        log(f"[data] cache {base}.bin is unusable ({digest}); rebuilding it")
+    build()
+    blocks, digest = open_blocks(base, key, block_size)
+    if blocks is None:
+        raise DataError(f"cache {base}.bin was just written but cannot be read back: {digest}")
+    return blocks, digest, False
 
 
 def pretokenized_source(spec: DataSpec, train_cfg: dict, tokenizer: Tokenizer) -> str | None:
@@ -508,51 +519,62 @@ def build_blocks(base: str, key: str, corpus: Corpus, split: str, tokenizer: Tok
 
 
 def write_blocks(base: str, key: str, block_size: int, pieces: Iterator[np.ndarray]) -> int:
-    """Write the int32 token arrays (whole blocks) to base.bin and the sidecar base.json; the number
-    of blocks. Both files are written under temporary names and renamed, the sidecar last: a killed
-    run leaves either no cache or a complete one."""
-    tmp_suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
-    n_tokens = 0
-    try:
-        with open(base + ".bin" + tmp_suffix, "wb") as f:
-            for ids in pieces:
-                f.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-                n_tokens += ids.size
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.remove(base + ".bin" + tmp_suffix)
-        raise
-    os.replace(base + ".bin" + tmp_suffix, base + ".bin")
+    """Write the int32 token arrays (whole blocks) to base.bin and the sidecar base.json (with the
+    tokens' SHA-256, the data's identity in a run's record); the number of blocks. Each file is
+    written durably under a temporary name and renamed, the sidecar last: a killed run (or a power
+    loss) leaves either no cache or a complete one."""
+    n_tokens, digest = 0, hashlib.sha256()
+
+    def write(f):
+        nonlocal n_tokens
+        for ids in pieces:
+            data = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
+            f.write(data)
+            digest.update(data)
+            n_tokens += ids.size
+
+    durable.write_file(base + ".bin", write, binary=True)
     n_blocks = n_tokens // block_size
     meta = {"key": key, "dtype": "int32", "block_size": block_size, "n_blocks": n_blocks,
-            "bytes": n_blocks * block_size * 4}
-    with open(base + ".json" + tmp_suffix, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(base + ".json" + tmp_suffix, base + ".json")
+            "bytes": n_blocks * block_size * 4, "sha256": digest.hexdigest()}
+    durable.write_json(base + ".json", meta, indent=1)
     return n_blocks
 
 
-def open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None, str | None]:
-    """(memory-mapped blocks, None), or (None, why the cache cannot be used)."""
+def open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None, str]:
+    """(memory-mapped blocks, their SHA-256), or (None, why the cache cannot be used)."""
     if not os.path.exists(base + ".json"):
         return None, "missing"
+    meta = durable.read_derived_json(base + ".json")
+    if meta is None:
+        return None, "its sidecar .json is damaged"
+    expected = {"key": key, "dtype": "int32", "block_size": block_size}
+    wrong = [k for k, v in expected.items() if meta.get(k) != v]
+    if wrong:
+        return None, f"sidecar field(s) {', '.join(wrong)} do not match"
     try:
-        with open(base + ".json") as f:
-            meta = json.load(f)
-        expected = {"key": key, "dtype": "int32", "block_size": block_size}
-        wrong = [k for k, v in expected.items() if meta.get(k) != v]
-        if wrong:
-            return None, f"sidecar field(s) {', '.join(wrong)} do not match"
-        n_blocks = int(meta["n_blocks"])
+        n_blocks, digest = int(meta["n_blocks"]), str(meta["sha256"])
         size = os.path.getsize(base + ".bin")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"{type(e).__name__}: {e}"
     if size != n_blocks * block_size * 4 or meta.get("bytes") != size:
         return None, f"file has {size} bytes, sidecar says {n_blocks} blocks of {block_size} int32"
     if n_blocks == 0:  # np.memmap cannot map an empty file
-        return np.zeros((0, block_size), np.int32), None
-    return np.memmap(base + ".bin", dtype=np.int32, mode="r", shape=(n_blocks, block_size)), None
+        return np.zeros((0, block_size), np.int32), digest
+    return np.memmap(base + ".bin", dtype=np.int32, mode="r", shape=(n_blocks, block_size)), digest
+
+
+def tokens_identity(prepared) -> dict:
+    """{split: {sha256, blocks}}: the tokens a run trains and evaluates on, kept in its run_config.json;
+    the digests of the cache's sidecars (of the whole split), or, for data handed over in memory
+    (train(prepared=...)), computed here. `blocks` counts those used (max_eval_samples applied)."""
+    digests = getattr(prepared, "digests", None) or {}
+    identity = {}
+    for split in ("train", "validation"):
+        blocks = getattr(prepared, split)
+        blocks = np.zeros((0, 0), np.int32) if blocks is None else np.ascontiguousarray(blocks, np.int32)
+        identity[split] = {"sha256": digests.get(split) or hashlib.sha256(blocks).hexdigest(), "blocks": len(blocks)}
+    return identity
 
 
 def _check_local_file(key: str, path: str, ext: str) -> None:

@@ -4,14 +4,13 @@ Native: `config.json` (the validated config + "flax_gpt2v_format") and
 `flax_params.safetensors` (float32, keys = '/'-joined Flax paths), plus the
 tokenizer files when known. HF: what `transformers` (and the original's classes)
 load as-is. Every write goes to a temporary directory beside the destination
-first, which then takes its place whole, so a failed or killed write never
+first, fsynced, which then takes its place whole, so a failed or killed write (or a power loss) never
 leaves a half-written checkpoint nor destroys an existing one; replacing a
 checkpoint replaces only the files this module writes (README "Conversion").
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import uuid
@@ -20,6 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import safetensors.numpy
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import HF_MUST_BE, read_json
 from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
@@ -149,8 +149,7 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
         # "format": "pt" is what transformers requires to load a safetensors file.
         safetensors.torch.save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
         if modeling:
-            with open(os.path.join(tmp, modeling[0]), "w") as f:
-                f.write(modeling[1])
+            durable.write_text(os.path.join(tmp, modeling[0]), modeling[1])
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), generation_config)
         _copy_tokenizer(tokenizer_dir, tmp, cfg["n_positions"])
 
@@ -247,9 +246,7 @@ def _require_files(path: str | os.PathLike, names: tuple[str, ...], kind: str) -
 
 
 def _write_json(file: str, data: Mapping[str, Any]) -> None:
-    with open(file, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    durable.write_json(file, data, indent=2, sort_keys=True)
 
 
 def _copy_tokenizer(src: str | os.PathLike | None, dst: str, n_positions: int) -> None:
@@ -295,12 +292,14 @@ def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callabl
     try:
         write(tmp)
         files = sorted(os.listdir(tmp))
+        durable.fsync_tree(tmp)  # on disk before it takes the old one's place
         if exists:
             for entry in sorted(set(os.listdir(path)) - owned):
                 _link_tree(os.path.join(path, entry), os.path.join(tmp, entry))
             _exchange(tmp, path)  # tmp now holds the old checkpoint
         else:
             os.rename(tmp, path)
+        durable.fsync_dir(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files

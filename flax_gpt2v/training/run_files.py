@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from typing import Any, Callable, Mapping
 
 import jax
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError, read_json
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.training import reporting
@@ -36,7 +35,7 @@ class MetricsLog:
             # Lines past the restored step were written by the lost part of an interrupted run;
             # a line that does not parse was torn by a crash or a full disk while being written.
             keep, torn = [], 0
-            with open(self.path) as f:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:
                         record = json.loads(line) if line.strip() else None
@@ -47,11 +46,8 @@ class MetricsLog:
                         keep.append(line if line.endswith("\n") else line + "\n")
             if torn:
                 log(f"{self.path}: dropped {torn} unreadable (torn) line{'s' * (torn > 1)}")
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+            durable.write_file(self.path, lambda f: f.writelines(keep))
+        self.file = open(self.path, "a", encoding="utf-8")
         self.backends = reporting.open_backends(opts.report_to, opts.output_dir, run_config, log, restored_step)
 
     def write(self, record: dict) -> None:
@@ -60,6 +56,8 @@ class MetricsLog:
         record = strict_json(record)
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
+        # On disk before any later checkpoint: a resume keeps every line up to its step.
+        os.fsync(self.file.fileno())
         for backend in self.backends:
             backend.log(record)
 
@@ -141,11 +139,7 @@ def save_final(opts: TrainOptions, model_cfg: dict, params, log) -> None:
     """Native checkpoint in output_dir itself (beside checkpoints/, best/, ...), then the HF export."""
     out = opts.output_dir
     # save_native replaces a whole directory, so it writes a staging one whose files move in.
-    staging = os.path.join(out, f".final-{uuid.uuid4().hex[:8]}")
-    checkpoint.save_native(staging, model_cfg, params)
-    for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(out, name))
-    shutil.rmtree(staging)
+    durable.move_into(out, lambda staging: checkpoint.save_native(staging, model_cfg, params))
     if opts.export_hf:
         try:
             checkpoint.save_hf_dir(os.path.join(out, "hf"), model_cfg, params, force=True,

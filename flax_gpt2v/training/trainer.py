@@ -19,7 +19,6 @@ tokenizer files) and hf/ (HF export).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -29,6 +28,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.hf import checkpoint
@@ -218,8 +218,7 @@ class Run:
                 self.train_keys, self.model_cfg, host_params(self.state["params"]), opts.seed, self.log),
                 self.state_shardings["params"])
         if self.is_main:
-            with open(os.path.join(opts.output_dir, RUN_CONFIG), "w") as f:
-                json.dump(self.run_config, f, indent=2, sort_keys=True)
+            durable.write_json(os.path.join(opts.output_dir, RUN_CONFIG), self.run_config, indent=2, sort_keys=True)
 
     # ------------------------------------------------------------ the loop
 
@@ -332,20 +331,20 @@ class Run:
         final_step = int(jax.device_get(self.state["step"]))
         params = host_params(self.state["params"])  # a collective: every process, before any may return
         summary_path = os.path.join(self.opts.output_dir, SUMMARY)
-        if final_step == self.start and os.path.exists(summary_path):
+        # A damaged summary (a power loss) is missing: the final model and summary are written again.
+        saved = durable.read_derived_json(summary_path, self.log) if final_step == self.start else None
+        if saved is not None:
             # Rerunning a finished run trains nothing and measures nothing: its summary, final model and
-            # export (written before the summary) stand, and nothing is pushed again.
+            # export (written durably before the summary) stand, and nothing is pushed again.
             self.log(f"done: the run in {self.opts.output_dir} had already ended at step {final_step}")
-            with open(summary_path) as f:
-                return json.load(f)
+            return saved
         if self.is_main:
             save_final(self.opts, self.model_cfg, params, self.log)
             self.hub.push_final(os.path.join(self.opts.output_dir, "hf"))
         summary = self._summary(final_step)
         if self.is_main:
             # Timings stay out of metrics.jsonl (a resumed run must write the same lines); they live here.
-            with open(summary_path, "w") as f:
-                json.dump(strict_json(summary), f, indent=2, allow_nan=False)
+            durable.write_json(summary_path, strict_json(summary), indent=2, allow_nan=False)
         return summary
 
     def _close(self) -> None:

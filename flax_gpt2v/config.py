@@ -9,6 +9,7 @@ aside for the trainer. Every value is checked once, so the models can trust thei
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -105,11 +106,17 @@ def read_json(src: str | os.PathLike) -> dict:
     path = os.path.join(src, "config.json") if os.path.isdir(src) else src
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path) as f:
-            data = json.load(f)
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not an error
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        raise ConfigError(f"config file {path} is not valid JSON: {e}" if raw.strip() else
+                          f"config file {path} is empty") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return data
@@ -163,6 +170,8 @@ def _check_types(cfg: dict, variant) -> None:
             v = cfg[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise key_error(key, f"must be a number, got {v!r}")
+            if not math.isfinite(v):  # JSON's NaN and Infinity parse as floats
+                raise key_error(key, f"must be a finite number, got {v!r}")
             cfg[key] = float(v)
     for key in variant.bools:
         if key in cfg and not isinstance(cfg[key], bool):

@@ -663,7 +663,7 @@ def _check_numbers(cfg: dict, num_proc, source: str) -> int | None:
     if percentage is not None:  # the original's files give it as a string, "1"
         try:
             percentage = int(percentage)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
             percentage = None
         if percentage is None or not 0 < percentage < 100:
             raise DataError("config key 'validation_split_percentage' must be a whole number "

@@ -21,7 +21,7 @@ import numpy as np
 from flax_gpt2v import durable
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.data import pipeline as data
-from flax_gpt2v.config import read_json
+from flax_gpt2v.config import ConfigError, read_json
 from flax_gpt2v.lm import LM, load
 from flax_gpt2v.models import VARIANTS, variant_of
 from flax_gpt2v.data.tokenizer import Tokenizer
@@ -221,10 +221,13 @@ def count_params(run_dir: str) -> int | None:
     for d in (run_dir, os.path.join(run_dir, "best")):
         f = os.path.join(d, checkpoint.NATIVE_WEIGHTS)
         if os.path.isfile(f):
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+            try:
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+            except (ValueError, TypeError, KeyError, AttributeError):  # damaged: the config still counts them
+                continue
     run = find_run_config(run_dir)
     cfg = (run or {}).get("model") or (read_json(os.path.join(run_dir, "config.json"))
                                         if os.path.isfile(os.path.join(run_dir, "config.json")) else None)
@@ -279,7 +282,11 @@ def summarize_run(run_dir: str, log: Callable[[str], None] = lambda msg: None) -
     evals = [r for r in records if "eval_loss" in r]
     # A damaged summary.json (a power loss) only lacks tokens/s here; the next run of the same command rewrites it.
     tps = (durable.read_derived_json(os.path.join(run_dir, SUMMARY), log) or {}).get("tokens_per_s")
-    run = (find_run_config(run_dir) if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else None) or {}
+    try:
+        run = (find_run_config(run_dir) if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else None) or {}
+    except (ConfigError, EvalError) as e:  # the run's description only: compared without it
+        log(f"{e}; comparing {run_dir} without it")
+        run = {}
     row = {"run": run.get("train", {}).get("run_name") or os.path.basename(os.path.normpath(run_dir)),
            "dir": run_dir, "params": count_params(run_dir),
            "model_type": describe_variant(run.get("model")), "data": describe_data(run.get("data")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Mapping
@@ -86,12 +87,15 @@ class TrainOptions:
                              positive_int)
     save_steps: int = option(500, "write a checkpoint every N steps", positive_int)
     save_total_limit: int | None = option(None, "keep the last N checkpoints (null: all)", positive_int)
-    early_stopping_patience: int | None = option(2, "stop after N evaluations without improvement (null: never)")
+    early_stopping_patience: int | None = option(2, "stop after N evaluations without improvement (null: never)",
+                                                 bounded(lambda v: v is None or v >= 0, ">= 0 or null"))
     early_stopping_threshold: float = option(0.0, "smallest eval loss decrease that counts as an improvement")
     max_nonfinite_steps: int = option(5, "stop after N steps in a row whose loss or gradient is not finite (their "
                                          "updates are skipped); 0: never stop", bounded(lambda v: v >= 0, ">= 0"))
-    seed: int = option(42, "seed of the initialization and dropout (and of the batch order without data_seed)")
-    data_seed: int | None = option(None, "seed of the batch order (null: seed)", kind=int)
+    seed: int = option(42, "seed of the initialization and dropout (and of the batch order without data_seed), "
+                           "in [0, 2**32)", bounded(lambda v: 0 <= v < 2**32, "in [0, 2**32)"))
+    data_seed: int | None = option(None, "seed of the batch order (null: seed), in [0, 2**32)",
+                                   bounded(lambda v: v is None or 0 <= v < 2**32, "in [0, 2**32) or null"), kind=int)
     mesh: dict = option({"data": -1, "fsdp": 1, "tensor": 1},
                         "devices per mesh axis: data, fsdp, tensor (-1: the devices left)")
     distributed: dict | None = option(
@@ -188,7 +192,10 @@ def _type_problem(f: dataclasses.Field, v: Any) -> str | None:
           isinstance(v, int) and not isinstance(v, bool) if expected is int else
           isinstance(v, (int, float)) and not isinstance(v, bool) if expected is float else
           isinstance(v, expected))
-    return None if ok else f"expected {expected.__name__}, got {v!r}"
+    if not ok:
+        return f"expected {expected.__name__}, got {v!r}"
+    # JSON's NaN and Infinity (and --key NaN) parse as floats; no option means anything by them.
+    return None if expected is not float or math.isfinite(v) else f"must be a finite number, got {v!r}"
 
 
 def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> TrainOptions:

@@ -80,7 +80,11 @@ def check_output_dir(opts: TrainOptions, model_cfg: dict) -> dict | None:
     resuming = os.path.isdir(os.path.join(out, CHECKPOINTS)) and bool(os.listdir(os.path.join(out, CHECKPOINTS)))
     saved = os.path.join(out, RUN_CONFIG)
     if resuming and os.path.exists(saved):
-        saved_run = read_json(saved)
+        try:
+            saved_run = read_json(saved)
+        except ConfigError as e:  # not rebuilt: it holds the run's history of changed options
+            raise ConfigError(f"{e}; it is this run's record: restore it, or delete it to resume without "
+                              "its history of changed options") from None
         before = saved_run.get("model")
         if not isinstance(before, dict):
             raise ConfigError(f"{saved} has no 'model' object, so it was not written by this trainer; "

@@ -32,6 +32,7 @@ Hub (`pretokenized_source`) when they can be had, else builds them, saying so.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import itertools
 import json
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 from flax_gpt2v import durable
 from flax_gpt2v.models import ops, variant_of
 from flax_gpt2v.config import block_length
-from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
+from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError, check_texts
 from flax_gpt2v.data.tfds import load_tfds
 from flax_gpt2v.data.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
 from flax_gpt2v.errors import first_line
@@ -384,31 +385,51 @@ def _list_rows(texts: list[str]) -> Rows:
     return Rows(lambda: (texts[i:i + ROWS_PER_BATCH] for i in range(0, len(texts), ROWS_PER_BATCH)), len(texts))
 
 
-def _dataset_rows(ds, column: str, start: int, stop: int) -> Rows:
+def _dataset_rows(ds, column: str, start: int, stop: int, where: str) -> Rows:
     """Rows [start, stop) of a datasets Dataset, or of an IterableDataset (streaming: read in order,
-    nothing kept)."""
+    nothing kept); each row checked to be text (rows counted in `where`, the split's files)."""
     import datasets
 
     ds = ds.select_columns([column])
     if isinstance(ds, datasets.Dataset):
         def read():
             for i in range(start, stop, ROWS_PER_BATCH):
-                yield ds[i:min(i + ROWS_PER_BATCH, stop)][column]
+                yield check_texts(ds[i:min(i + ROWS_PER_BATCH, stop)][column], where, i, column)
     else:
         def read():
-            rows = itertools.islice(iter(ds), start, stop)
-            while batch := list(itertools.islice(rows, ROWS_PER_BATCH)):
-                yield [r[column] for r in batch]
+            rows, i = itertools.islice(iter(ds), start, stop), start
+            while True:
+                with _loading(where):
+                    batch = list(itertools.islice(rows, ROWS_PER_BATCH))
+                if not batch:
+                    return
+                yield check_texts([r[column] for r in batch], where, i, column)
+                i += len(batch)
     return Rows(read, stop - start)
 
 
-def _num_rows(ds) -> int:
+@contextlib.contextmanager
+def _loading(what: str):
+    """Loading `what` with datasets, or reading its stream (which reads and decodes the files where a
+    Dataset did at load): whatever datasets raises becomes one line."""
+    try:
+        yield
+    except Exception as e:  # datasets raises many kinds; all mean the same to the user
+        # DatasetGenerationError says only "An error occurred"; its cause says which.
+        e = e.__cause__ or e if type(e).__name__.startswith("DatasetGeneration") else e
+        raise DataError(f"cannot load {what}: {first_line(e, with_type=True)}") from e
+
+
+def _num_rows(ds, what: str) -> int:
     import datasets
 
     if isinstance(ds, datasets.Dataset):
         return len(ds)
     known = (ds.info.splits or {}).get(str(ds.split)) if ds.split else None
-    return known.num_examples if known and known.num_examples else sum(1 for _ in ds)
+    if known and known.num_examples:
+        return known.num_examples
+    with _loading(what):
+        return sum(1 for _ in ds)
 
 
 def _embedded_splits() -> tuple[list[str], list[str]]:
@@ -456,16 +477,15 @@ def _load_hf(spec: DataSpec) -> dict[str, Rows]:
         raise DataError(_offline_message(what, "cannot be loaded: the Hugging Face Hub is unreachable "
                                                "(if it is cached, run with HF_HUB_OFFLINE=1)"))
     try:
-        if is_saved:  # memory-mapped arrow files: streaming would hold no less
-            loaded = datasets.load_from_disk(path)
-        else:
-            loaded = datasets.load_dataset(path, cache_dir=spec.hf_cache_dir, streaming=spec.streaming, **opts)
-    except Exception as e:  # datasets raises many kinds; all mean the same to the user
+        with _loading(what):
+            if is_saved:  # memory-mapped arrow files: streaming would hold no less
+                loaded = datasets.load_from_disk(path)
+            else:
+                loaded = datasets.load_dataset(path, cache_dir=spec.hf_cache_dir, streaming=spec.streaming, **opts)
+    except DataError:
         if needs_hub and constants.HF_HUB_OFFLINE:
             raise DataError(_offline_message(what, "is not cached and HF_HUB_OFFLINE is set")) from None
-        # DatasetGenerationError says only "An error occurred"; its cause says which.
-        e = e.__cause__ or e if type(e).__name__.startswith("DatasetGeneration") else e
-        raise DataError(f"cannot load {what}: {first_line(e, with_type=True)}") from e
+        raise
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = {spec.train_split: loaded}
     if spec.train_split not in loaded:
@@ -475,19 +495,26 @@ def _load_hf(spec: DataSpec) -> dict[str, Rows]:
     column = spec.text_column or ("text" if "text" in columns or not columns else columns[0])
     if columns and column not in columns:
         raise DataError(f"{what} has no column {column!r} (it has {', '.join(columns)})")
-    n = _num_rows(train)
+    n = _num_rows(train, what)
+    files = spec.options.get("data_files") if isinstance(spec.options.get("data_files"), dict) else {}
+
+    def where(split):  # rows are counted in the split's files together (a CSV's header is not a row)
+        paths = _data_file_paths(files.get(split))
+        return ", ".join(paths) if paths else f"{what} split {split!r}"
+
     if spec.max_train_samples:  # the original's rule: training AND validation are train[:N]
         n = min(n, spec.max_train_samples)
-        return {spec.train_split: _dataset_rows(train, column, 0, n),
-                spec.validation_split: _dataset_rows(train, column, 0, n)}
+        return {spec.train_split: _dataset_rows(train, column, 0, n, where(spec.train_split)),
+                spec.validation_split: _dataset_rows(train, column, 0, n, where(spec.train_split))}
     if spec.validation_file or (spec.validation_split_percentage is None and spec.validation_split in loaded):
         validation = loaded[spec.validation_split]
-        return {spec.train_split: _dataset_rows(train, column, 0, n),
-                spec.validation_split: _dataset_rows(validation, column, 0, _num_rows(validation))}
+        return {spec.train_split: _dataset_rows(train, column, 0, n, where(spec.train_split)),
+                spec.validation_split: _dataset_rows(validation, column, 0, _num_rows(validation, what),
+                                                     where(spec.validation_split))}
     # validation = train[:P%], training = train[P%:] (the original; run_clm's fallback with P = 5).
     n_val = percent_rows(n, spec.validation_split_percentage or 5)
-    return {spec.train_split: _dataset_rows(train, column, n_val, n),
-            spec.validation_split: _dataset_rows(train, column, 0, n_val)}
+    return {spec.train_split: _dataset_rows(train, column, n_val, n, where(spec.train_split)),
+            spec.validation_split: _dataset_rows(train, column, 0, n_val, where(spec.train_split))}
 
 
 def build_blocks(base: str, key: str, corpus: Corpus, split: str, tokenizer: Tokenizer,

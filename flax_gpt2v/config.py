@@ -78,7 +78,7 @@ TRAINING_KEYS = {
     "early_stopping_patience", "early_stopping_threshold", "max_nonfinite_steps", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "hub_strategy",
     "overwrite_output_dir", "do_train", "do_eval", "train_file", "validation_file",
-    "mesh", "remat_policy", "scan_layers", "attention_implementation",
+    "mesh", "remat_policy", "scan_layers", "attention_implementation", "accept_data_change",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
     "device_map", "torch_empty_cache_steps", "dataloader_num_workers", "logging_dir",
     "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",

@@ -116,8 +116,9 @@ class TrainOptions:
 @dataclasses.dataclass(frozen=True)
 class AcceptedOptions:
     """Keys the trainer reads but never keeps in run_config.json. hub_token is read by hub.HubPush, so
-    that no file ever holds it; the HF Trainer keys of the original's files are checked for the one
-    value this trainer does (original_experiments.ONLY_VALUES, checked by resolve_options)."""
+    that no file ever holds it; accept_data_change by run_files.check_same_tokens, for the one resume
+    it allows; the HF Trainer keys of the original's files are checked for the one value this trainer
+    does (original_experiments.ONLY_VALUES, checked by resolve_options)."""
     hub_token: str | None = option(None, "Hub token (null: HF_TOKEN or `hf auth login`); never written to a file")
     eval_strategy: str | None = option(None, 'accepted as "steps" only: evaluation runs every eval_steps')
     evaluation_strategy: str | None = option(None, 'the older name of eval_strategy: "steps" only')
@@ -126,6 +127,9 @@ class AcceptedOptions:
     metric_for_best_model: str | None = option(
         None, 'accepted as "eval_loss" (or "loss") only: best/ and early stopping use the eval loss')
     greater_is_better: bool | None = option(None, "accepted as false only (a lower eval loss is better)")
+    accept_data_change: bool | None = option(
+        None, "resume although the data's tokens changed since the run was checkpointed (refused otherwise); "
+              "the change is kept in run_config.json's history")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What a run writes in its output_dir besides the Orbax checkpoints: metrics.jsonl (and the report_to
-backends), run_config.json and its history of changed options, the final model and its HF export,
+backends), run_config.json and its history of changed options and data, the final model and its HF export,
 summary.json and the run's last log line; and the check that output_dir holds this run or none.
 """
 from __future__ import annotations
@@ -101,19 +101,44 @@ def check_output_dir(opts: TrainOptions, model_cfg: dict) -> dict | None:
     return {} if resuming else None
 
 
+def check_same_tokens(before: dict | None, run_config: dict, accept, log) -> None:
+    """Refuses to resume a run whose data's tokens (run_config's `tokens`: each split's SHA-256 from
+    the token cache) changed since it was checkpointed (the same train_file, other contents is most
+    likely a mistake), unless `accept` (the accept_data_change key): then the change is announced,
+    and record_changes keeps it in the history."""
+    if not isinstance(accept, (bool, type(None))):
+        raise ConfigError(f"config key 'accept_data_change': expected true or false, got {accept!r}")
+    old, new = (before or {}).get("tokens"), run_config["tokens"]
+    if not old:  # a new run, or one recorded before the tokens were
+        return
+    changed = [split for split in new if (old.get(split) or {}).get("sha256") != new[split]["sha256"]]
+    if not changed:
+        return
+    what = "; ".join(f"{split}: {(old.get(split) or {}).get('blocks')} blocks then, {new[split]['blocks']} now"
+                     for split in changed)
+    out = run_config["train"]["output_dir"]
+    if not accept:
+        raise ConfigError(f"the data changed since the run in {out} was checkpointed ({what}); restore it, use "
+                          "another output_dir, or resume on the new data with --accept_data_change true")
+    log(f"accept_data_change: resuming {out} on changed data ({what})")
+
+
 def record_changes(before: dict, run_config: dict, step: int, log) -> dict:
-    """run_config with `history` carried on from `before` plus, when trainer or data options
-    changed since, an entry {step, changed: {key: [old, new]}}; each change is announced."""
+    """run_config with `history` carried on from `before` plus, when trainer or data options or the
+    data's tokens changed since, an entry {step, changed: {key: [old, new]}}; each change is announced."""
     if not before:  # checkpoints without a run_config.json: nothing to compare with
         return run_config
     history = list(before.get("history", []))
     changed = {}
-    for section in ("train", "data"):
-        old, new = before.get(section, {}), run_config[section]
+    for section in ("train", "data", "tokens"):
+        if section not in before:  # written by a trainer that did not record it
+            continue
+        old, new = before[section], run_config[section]
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                changed[key] = [old.get(key), new.get(key)]
-                log(f"resuming at step {step} with {key} changed: {old.get(key)!r} -> {new.get(key)!r}")
+                name = f"tokens.{key}" if section == "tokens" else key
+                changed[name] = [old.get(key), new.get(key)]
+                log(f"resuming at step {step} with {name} changed: {old.get(key)!r} -> {new.get(key)!r}")
     if changed:
         history.append({"step": step, "changed": changed})
     return {**run_config, "history": history} if history else run_config

@@ -40,7 +40,8 @@ from flax_gpt2v.training.options import (DATA_KEYS, IGNORED_KEYS, TrainOptions, 
                                          load_run_config)
 from flax_gpt2v.training.run_checkpoints import RunCheckpoints
 from flax_gpt2v.training.run_files import (CHECKPOINTS, RUN_CONFIG, SUMMARY, MetricsLog, check_output_dir,
-                                           record_changes, save_final, strict_json, what_was_trained)
+                                           check_same_tokens, record_changes, save_final, strict_json,
+                                           what_was_trained)
 from flax_gpt2v.training.schedule import adamw, lr_schedule
 from flax_gpt2v.training.steps import (abstract_state, eval_loop, eval_metrics, flops_per_token, global_batch,
                                        host_params, init_state, jit_eval_step, jit_train_step, peak_flops)
@@ -158,10 +159,13 @@ class Run:
         """The saved run_config to resume (check_output_dir); writes the tokenizer, builds this run_config."""
         opts = self.opts
         saved_run = check_output_dir(opts, self.model_cfg)
-        os.makedirs(opts.output_dir, exist_ok=True)
-        # The data keys too, so that eval_jax.py measures a run on the data it was trained for.
+        # The data keys too, so that eval_jax.py measures a run on the data it was trained for, and the
+        # tokens' identity, so that a resume knows what it resumes.
         self.run_config = {"model": self.model_cfg, "train": dataclasses.asdict(opts),
-                           "data": {k: v for k, v in self.train_keys.items() if k in DATA_KEYS}}
+                           "data": {k: v for k, v in self.train_keys.items() if k in DATA_KEYS},
+                           "tokens": data.tokens_identity(self.prepared)}
+        check_same_tokens(saved_run, self.run_config, self.train_keys.get("accept_data_change"), self.log)
+        os.makedirs(opts.output_dir, exist_ok=True)
         if self.is_main:
             self.prepared.tokenizer.save(opts.output_dir, model_max_length=self.model_cfg["n_positions"])
         self.tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None

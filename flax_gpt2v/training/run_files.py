@@ -114,8 +114,10 @@ def check_same_tokens(before: dict | None, run_config: dict, accept, log) -> Non
     changed = [split for split in new if (old.get(split) or {}).get("sha256") != new[split]["sha256"]]
     if not changed:
         return
-    what = "; ".join(f"{split}: {(old.get(split) or {}).get('blocks')} blocks then, {new[split]['blocks']} now"
-                     for split in changed)
+    def tokens(ident):
+        return f"{ident.get('blocks')} blocks, sha256 {str(ident.get('sha256'))[:12]}"
+
+    what = "; ".join(f"{split}: {tokens(old.get(split) or {})} then, {tokens(new[split])} now" for split in changed)
     out = run_config["train"]["output_dir"]
     if not accept:
         raise ConfigError(f"the data changed since the run in {out} was checkpointed ({what}); restore it, use "

@@ -322,32 +322,32 @@ def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, capsys):
                                           r"--accept_data_change true"):
         tr.train(cfg, prepared=other, log=lambda m: None)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    lines = []
-    tr.train({**cfg, "accept_data_change": True}, prepared=other, log=lines.append)
-    assert any(line.startswith("accept_data_change: resuming") for line in lines)
-    run = json.loads((out / "run_config.json").read_text())
-    assert list(run["history"][-1]["changed"]) == ["tokens.train"] and "accept_data_change" not in run["train"]
 
-    # Torn by a power loss (files written without the durable writer): a zero-byte summary.json is
-    # rebuilt by the next run; eval_jax.py --compare reads past it and a torn last metrics line.
+    # Torn by a power loss (a file written without the durable writer): a zero-byte summary.json is
+    # rebuilt by the next run.
     (out / "summary.json").write_bytes(b"")
     lines = []
     summary = tr.train({**cfg, "accept_data_change": True}, prepared=other, log=lines.append)
-    assert json.loads((out / "summary.json").read_text()) == summary and summary["step"] == 2
+    assert any(line.startswith("accept_data_change: resuming") for line in lines)
+    run = json.loads((out / "run_config.json").read_text())
+    assert list(run["history"][-1]["changed"]) == ["tokens.train"] and "accept_data_change" not in run["train"]
     assert any("summary.json is damaged (empty)" in line for line in lines)
+    assert json.loads((out / "summary.json").read_text()) == summary and summary["step"] == 2
+
+    # run_config.json is the run's record (its history): damaged, the trainer refuses and says how to go
+    # on. eval_jax.py --compare reads past it, a damaged summary and a torn last metrics line.
     (out / "summary.json").write_bytes(b"")
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
-    capsys.readouterr()
-    assert eval_jax.main(["--compare", str(out), "--plot_dir", str(tmp_path)]) == 0
-    err = capsys.readouterr().err
-    assert "summary.json is damaged (empty)" in err and "metrics.jsonl: its last line (line" in err
-    # run_config.json is the run's record (its history): damaged, the trainer refuses and says how to go on.
     (out / "run_config.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match=r"run_config.json is not UTF-8 text .* delete it to resume"):
         tr.train(cfg, prepared=other, log=lambda m: None)
+    capsys.readouterr()
     assert eval_jax.main(["--compare", str(out), "--plot_dir", str(tmp_path)]) == 0
-    assert "run_config.json is not UTF-8 text" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for damage in ("summary.json is damaged (empty)", "metrics.jsonl: its last line (line",
+                   "run_config.json is not UTF-8 text"):
+        assert damage in err, err
 
 
 # ---------------------------------------------------------------- one run per output_dir

@@ -13,7 +13,9 @@ def check_texts(texts: list, where: str, first_row: int, column: str) -> list[st
     first row that is not (a JSON null or number, an empty CSV cell): nothing is skipped silently."""
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            what = "empty (null)" if text is None else f"{type(text).__name__} {str(text)[:40]!r}"
+            what = f"{type(text).__name__} {str(text)[:40]!r}"
+            if text is None:  # CSV files are read by pandas, whose missing values include "NA" and "NaN"
+                what = "an empty, NA or NaN cell" if ".csv" in where.lower() else "null"
             raise DataError(f"{where}: row {first_row + i + 1}, column {column!r}: {what}, not text; "
                             "fix or remove the row")
     return texts

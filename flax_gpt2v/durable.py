@@ -36,9 +36,11 @@ def write_file(path: str | os.PathLike, write: Callable[[IO], None], *, binary: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename == tmp:  # the error names the file the user asked for
+            e.filename = path
         raise
     fsync_dir(directory)
 

@@ -29,7 +29,8 @@ def write_file(path: str | os.PathLike, write: Callable[[IO], None], *, binary: 
     """Write `path` atomically and durably: write(f) fills a temporary file beside it."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    # Hidden, and named as every partial write here is (`.<name>.partial-<id>`), for whoever cleans up after a kill.
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
@@ -69,7 +70,7 @@ def fsync_tree(directory: str | os.PathLike) -> None:
 def move_into(directory: str | os.PathLike, write: Callable[[str], None]) -> list[str]:
     """Run write(staging) on a staging directory inside `directory`, then move each file it wrote into
     `directory`, durably (each one old or new, never torn); the names moved."""
-    staging = os.path.join(directory, f".staging-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(directory, f".staging.partial-{uuid.uuid4().hex[:8]}")
     os.makedirs(staging)
     try:
         write(staging)

@@ -111,7 +111,8 @@ def read_json(src: str | os.PathLike) -> dict:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not an error
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                          f"{e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

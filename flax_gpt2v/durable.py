@@ -1,9 +1,10 @@
 """Files that a power loss cannot tear, and reading back the files the project derives.
 
-Every file the package writes goes through `write_file` (or `move_into` for files another library
-wrote into a staging directory): a temporary file in the destination's directory, flushed and
-fsynced, renamed over the destination, and the directory fsynced, so a reader sees the old content
-or the new, never a mix, and a file written before another is on disk before it. Files the project
+Every file the package writes goes through `write_file`: a temporary file in the destination's
+directory, flushed and fsynced, renamed over the destination, and the directory fsynced, so a reader
+sees the old content or the new, never a mix, and a file written before another is on disk before
+it. Files written together into a staging directory (a checkpoint, tokenizer files) are fsynced with
+`fsync_tree` before the directory takes its place, or moved in one by one with `move_into`. Files the project
 derives (summaries, cache sidecars, results) are read with `read_derived_json`, which treats a
 damaged one as missing, so that it is rebuilt. Imports nothing of ours, so every part may import it.
 """
@@ -68,10 +69,10 @@ def fsync_tree(directory: str | os.PathLike) -> None:
 
 
 def move_into(directory: str | os.PathLike, write: Callable[[str], None]) -> list[str]:
-    """Run write(staging) on a staging directory inside `directory`, then move each file it wrote into
-    `directory`, durably (each one old or new, never torn); the names moved."""
+    """Run write(staging), which makes the directory `staging` inside `directory` and writes files into
+    it, then move each file into `directory`, durably (each one old or new, never torn); the names moved."""
     staging = os.path.join(directory, f".staging.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
+    os.makedirs(directory, exist_ok=True)
     try:
         write(staging)
         names = sorted(os.listdir(staging))

@@ -39,6 +39,7 @@ def test_move_into_replaces_each_file_whole(tmp_path):
     (tmp_path / "kept.txt").write_text("mine")
 
     def write(staging):
+        os.mkdir(staging)
         with open(os.path.join(staging, "tokenizer.json"), "w") as f:
             f.write("new")
 

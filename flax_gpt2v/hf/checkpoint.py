@@ -11,6 +11,7 @@ checkpoint replaces only the files this module writes (README "Conversion").
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import uuid
@@ -149,7 +150,8 @@ def save_hf_dir(path: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping
         # "format": "pt" is what transformers requires to load a safetensors file.
         safetensors.torch.save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
         if modeling:
-            durable.write_text(os.path.join(tmp, modeling[0]), modeling[1])
+            with open(os.path.join(tmp, modeling[0]), "w") as f:
+                f.write(modeling[1])
         _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), generation_config)
         _copy_tokenizer(tokenizer_dir, tmp, cfg["n_positions"])
 
@@ -246,7 +248,10 @@ def _require_files(path: str | os.PathLike, names: tuple[str, ...], kind: str) -
 
 
 def _write_json(file: str, data: Mapping[str, Any]) -> None:
-    durable.write_json(file, data, indent=2, sort_keys=True)
+    # Into the temporary directory, which _write_dir_atomically fsyncs whole before it takes its place.
+    with open(file, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _copy_tokenizer(src: str | os.PathLike | None, dst: str, n_positions: int) -> None:

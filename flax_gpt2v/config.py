@@ -9,6 +9,7 @@ aside for the trainer. Every value is checked once, so the models can trust thei
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -77,7 +78,7 @@ TRAINING_KEYS = {
     "early_stopping_patience", "early_stopping_threshold", "max_nonfinite_steps", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "hub_strategy",
     "overwrite_output_dir", "do_train", "do_eval", "train_file", "validation_file",
-    "mesh", "remat_policy", "scan_layers", "attention_implementation",
+    "mesh", "remat_policy", "scan_layers", "attention_implementation", "accept_data_change",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
     "device_map", "torch_empty_cache_steps", "dataloader_num_workers", "logging_dir",
     "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",
@@ -106,11 +107,18 @@ def read_json(src: str | os.PathLike) -> dict:
     path = os.path.join(src, "config.json") if os.path.isdir(src) else src
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path) as f:
-            data = json.load(f)
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not an error
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                          f"{e.start})") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        raise ConfigError(f"config file {path} is not valid JSON: {e}" if raw.strip() else
+                          f"config file {path} is empty") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return data
@@ -164,6 +172,8 @@ def _check_types(cfg: dict, variant) -> None:
             v = cfg[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise key_error(key, f"must be a number, got {v!r}")
+            if not math.isfinite(v):  # JSON's NaN and Infinity parse as floats
+                raise key_error(key, f"must be a finite number, got {v!r}")
             cfg[key] = float(v)
     for key in variant.bools:
         if key in cfg and not isinstance(cfg[key], bool):

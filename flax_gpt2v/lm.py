@@ -1,6 +1,7 @@
 """The public handle on a model: config + parameters + the Flax module, with I/O and decoding."""
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -58,8 +59,8 @@ class LM:
         """ids [B, T + max_new_tokens]: greedy at temperature 0, else sampled (optionally top-k)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if top_k is not None and not 0 < top_k <= self.config["vocab_size"]:
             raise ValueError(f"top_k must be in [1, {self.config['vocab_size']}], got {top_k}")
         t = np.shape(input_ids)[-1]

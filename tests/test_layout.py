@@ -10,14 +10,14 @@ from helpers import ROOT
 PACKAGE = os.path.join(ROOT, "flax_gpt2v")
 # What each part may import (README, Package layout; each part's docstring says the same).
 ALLOWED = {
-    "config": set(), "errors": set(),
+    "config": set(), "errors": set(), "durable": set(),
     "models": {"config"},
-    "hf": {"config", "errors", "models"},
-    "data": {"config", "errors", "models"},
-    "training": {"config", "errors", "models", "hf", "data"},
+    "hf": {"config", "errors", "durable", "models"},
+    "data": {"config", "errors", "durable", "models"},
+    "training": {"config", "errors", "durable", "models", "hf", "data"},
     "lm": {"config", "models", "hf"},
-    "evaluation": {"config", "errors", "models", "hf", "data", "training", "lm"},
-    "cli": {"config", "errors", "models", "hf", "data", "training", "evaluation", "lm"},
+    "evaluation": {"config", "errors", "durable", "models", "hf", "data", "training", "lm"},
+    "cli": {"config", "errors", "durable", "models", "hf", "data", "training", "evaluation", "lm"},
     "__init__": {"config", "lm", "models"},
 }
 

@@ -14,7 +14,6 @@ Errors are one line `error: ...` and exit status 2. See flax_gpt2v/evaluation/ev
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -93,15 +92,16 @@ def _dtype(name: str):
 
 
 def run(args) -> dict:
+    from flax_gpt2v import durable
     from flax_gpt2v.evaluation import evaluate as ev
 
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     if args.compare:
-        rows = [ev.summarize_run(d) for d in args.compare]
+        rows = [ev.summarize_run(d, log) for d in args.compare]
         table = ev.markdown_table(rows)
         print(table, end="")
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(table)
+            durable.write_text(args.output, table)
         plots = ev.plot_runs(rows, args.plot_dir)
         print("plots: " + ", ".join(plots))
         return {"rows": rows, "table": table, "plots": plots}
@@ -112,7 +112,6 @@ def run(args) -> dict:
         return run_harness(args)
     lm, model_dir = ev.load_model(args.checkpoint, args.hf, dtype=_dtype(args.dtype))
     tokenizer = ev.tokenizer_from_dir(model_dir)
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
 
     if args.generate is not None:
         if tokenizer is None:
@@ -132,8 +131,7 @@ def run(args) -> dict:
                   "dtype": args.dtype, "tokenizer": tokenizer.source}
         print(ev.format_results(result))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        durable.write_json(args.output, result, indent=2)
     return result
 
 

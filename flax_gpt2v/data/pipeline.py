@@ -32,11 +32,11 @@ Hub (`pretokenized_source`) when they can be had, else builds them, saying so.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import itertools
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,9 +44,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2v import durable
 from flax_gpt2v.models import ops, variant_of
 from flax_gpt2v.config import block_length
-from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
+from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError, check_texts
 from flax_gpt2v.data.tfds import load_tfds
 from flax_gpt2v.data.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
 from flax_gpt2v.errors import first_line
@@ -54,7 +55,8 @@ from flax_gpt2v.errors import first_line
 DEFAULT_TOKENIZER = "gpt2-medium"
 DEFAULT_BLOCK_SIZE = 1024
 # Bump when the token file layout or the grouping changes, so old caches are ignored.
-CACHE_FORMAT = 2
+# 3: the sidecar holds the tokens' SHA-256.
+CACHE_FORMAT = 3
 _FILE_BUILDERS = {"txt": "text", "text": "text", "raw": "text", "json": "json", "jsonl": "json",
                   "csv": "csv", "parquet": "parquet"}
 
@@ -159,6 +161,7 @@ class PreparedData:
     cache_hit: bool
     cache_path: str
     spec: DataSpec
+    digests: dict               # {split: SHA-256 of its cached tokens}, the data's identity (tokens_identity)
 
 
 def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = print) -> PreparedData:
@@ -177,7 +180,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
         name = spec.train_split if split == "train" else spec.validation_split
         build_blocks(base, key, corpus, name, tokenizer, spec.block_size, log)
 
-    arrays, cache_hit, directory = found or _cached_blocks(spec, tokenizer, cache_dir, {}, build, log)
+    arrays, digests, cache_hit, directory = found or _cached_blocks(spec, tokenizer, cache_dir, {}, build, log)
     if len(arrays["train"]) == 0:
         raise DataError(f"{spec.describe()}: the training split has fewer tokens than one block "
                         f"of {spec.block_size}")
@@ -188,7 +191,7 @@ def prepare_data(train_cfg: dict, cache_dir: str, log: Callable[[str], None] = p
     log(f"[data] {spec.describe()} | tokenizer {tokenizer.source} (vocab {tokenizer.vocab_size}) | "
         f"{len(train)} train / {len(validation)} validation blocks of {spec.block_size} | "
         f"{'cache hit' if cache_hit else 'built'}: {directory}")
-    return PreparedData(tokenizer, train, validation, spec.describe(), cache_hit, directory, spec)
+    return PreparedData(tokenizer, train, validation, spec.describe(), cache_hit, directory, spec, digests)
 
 
 def spec_tokenizer(spec: DataSpec) -> Tokenizer:
@@ -200,27 +203,36 @@ def spec_tokenizer(spec: DataSpec) -> Tokenizer:
 
 
 def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_key: dict, build, log):
-    """({split: blocks}, cache hit, directory): each split read from the cache, or made by
-    `build(split, base, key)` first."""
+    """({split: blocks}, {split: their SHA-256}, cache hit, directory): each split read from the cache,
+    or made by `build(split, base, key)` first."""
     key_data = {"format": CACHE_FORMAT, "data": spec.identity(), "block_size": spec.block_size,
                 "tokenizer": [tokenizer.source, tokenizer.fingerprint], **extra_key}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, "data", key)
     os.makedirs(directory, exist_ok=True)
-    arrays, cache_hit = {}, True
+    arrays, digests, cache_hit = {}, {}, True
     for split in ("train", "validation"):
         base = os.path.join(directory, split)
-        blocks, problem = open_blocks(base, key, spec.block_size)
-        if blocks is None:
-            if problem != "missing":
-                log(f"[data] cache {base}.bin is unusable ({problem}); rebuilding it")
-            build(split, base, key)
-            cache_hit = False
-            blocks, problem = open_blocks(base, key, spec.block_size)
-            if blocks is None:
-                raise DataError(f"cache {base}.bin was just written but cannot be read back: {problem}")
-        arrays[split] = blocks
-    return arrays, cache_hit, directory
+        arrays[split], digests[split], hit = cached_split(
+            base, key, spec.block_size, lambda: build(split, base, key), log)  # noqa: B023 (called at once)
+        cache_hit = cache_hit and hit
+    return arrays, digests, cache_hit, directory
+
+
+def cached_split(base: str, key: str, block_size: int, build: Callable[[], None], log) -> tuple[np.ndarray, str, bool]:
+    """(blocks, their SHA-256, whether the cache had them) of base.bin: read from the cache, or made by
+    build() first; a damaged cache (a torn or empty file, a sidecar that does not match) is named in
+    one line and rebuilt."""
+    blocks, digest = open_blocks(base, key, block_size)
+    if blocks is not None:
+        return blocks, digest, True
+    if digest != "missing":
+        log(f"[data] cache {base}.bin is unusable ({digest}); rebuilding it")
+    build()
+    blocks, digest = open_blocks(base, key, block_size)
+    if blocks is None:
+        raise DataError(f"cache {base}.bin was just written but cannot be read back: {digest}")
+    return blocks, digest, False
 
 
 def pretokenized_source(spec: DataSpec, train_cfg: dict, tokenizer: Tokenizer) -> str | None:
@@ -373,31 +385,51 @@ def _list_rows(texts: list[str]) -> Rows:
     return Rows(lambda: (texts[i:i + ROWS_PER_BATCH] for i in range(0, len(texts), ROWS_PER_BATCH)), len(texts))
 
 
-def _dataset_rows(ds, column: str, start: int, stop: int) -> Rows:
+def _dataset_rows(ds, column: str, start: int, stop: int, where: str) -> Rows:
     """Rows [start, stop) of a datasets Dataset, or of an IterableDataset (streaming: read in order,
-    nothing kept)."""
+    nothing kept); each row checked to be text (rows counted in `where`, the split's files)."""
     import datasets
 
     ds = ds.select_columns([column])
     if isinstance(ds, datasets.Dataset):
         def read():
             for i in range(start, stop, ROWS_PER_BATCH):
-                yield ds[i:min(i + ROWS_PER_BATCH, stop)][column]
+                yield check_texts(ds[i:min(i + ROWS_PER_BATCH, stop)][column], where, i, column)
     else:
         def read():
-            rows = itertools.islice(iter(ds), start, stop)
-            while batch := list(itertools.islice(rows, ROWS_PER_BATCH)):
-                yield [r[column] for r in batch]
+            rows, i = itertools.islice(iter(ds), start, stop), start
+            while True:
+                with _loading(where):
+                    batch = list(itertools.islice(rows, ROWS_PER_BATCH))
+                if not batch:
+                    return
+                yield check_texts([r[column] for r in batch], where, i, column)
+                i += len(batch)
     return Rows(read, stop - start)
 
 
-def _num_rows(ds) -> int:
+@contextlib.contextmanager
+def _loading(what: str):
+    """Loading `what` with datasets, or reading its stream (which reads and decodes the files where a
+    Dataset did at load): whatever datasets raises becomes one line."""
+    try:
+        yield
+    except Exception as e:  # datasets raises many kinds; all mean the same to the user
+        # DatasetGenerationError says only "An error occurred"; its cause says which.
+        e = e.__cause__ or e if type(e).__name__.startswith("DatasetGeneration") else e
+        raise DataError(f"cannot load {what}: {first_line(e, with_type=True)}") from e
+
+
+def _num_rows(ds, what: str) -> int:
     import datasets
 
     if isinstance(ds, datasets.Dataset):
         return len(ds)
     known = (ds.info.splits or {}).get(str(ds.split)) if ds.split else None
-    return known.num_examples if known and known.num_examples else sum(1 for _ in ds)
+    if known and known.num_examples:
+        return known.num_examples
+    with _loading(what):
+        return sum(1 for _ in ds)
 
 
 def _embedded_splits() -> tuple[list[str], list[str]]:
@@ -445,16 +477,15 @@ def _load_hf(spec: DataSpec) -> dict[str, Rows]:
         raise DataError(_offline_message(what, "cannot be loaded: the Hugging Face Hub is unreachable "
                                                "(if it is cached, run with HF_HUB_OFFLINE=1)"))
     try:
-        if is_saved:  # memory-mapped arrow files: streaming would hold no less
-            loaded = datasets.load_from_disk(path)
-        else:
-            loaded = datasets.load_dataset(path, cache_dir=spec.hf_cache_dir, streaming=spec.streaming, **opts)
-    except Exception as e:  # datasets raises many kinds; all mean the same to the user
+        with _loading(what):
+            if is_saved:  # memory-mapped arrow files: streaming would hold no less
+                loaded = datasets.load_from_disk(path)
+            else:
+                loaded = datasets.load_dataset(path, cache_dir=spec.hf_cache_dir, streaming=spec.streaming, **opts)
+    except DataError:
         if needs_hub and constants.HF_HUB_OFFLINE:
             raise DataError(_offline_message(what, "is not cached and HF_HUB_OFFLINE is set")) from None
-        # DatasetGenerationError says only "An error occurred"; its cause says which.
-        e = e.__cause__ or e if type(e).__name__.startswith("DatasetGeneration") else e
-        raise DataError(f"cannot load {what}: {first_line(e, with_type=True)}") from e
+        raise
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = {spec.train_split: loaded}
     if spec.train_split not in loaded:
@@ -464,19 +495,26 @@ def _load_hf(spec: DataSpec) -> dict[str, Rows]:
     column = spec.text_column or ("text" if "text" in columns or not columns else columns[0])
     if columns and column not in columns:
         raise DataError(f"{what} has no column {column!r} (it has {', '.join(columns)})")
-    n = _num_rows(train)
+    n = _num_rows(train, what)
+    files = spec.options.get("data_files") if isinstance(spec.options.get("data_files"), dict) else {}
+
+    def where(split):  # rows are counted in the split's files together (a CSV's header is not a row)
+        paths = _data_file_paths(files.get(split))
+        return ", ".join(paths) if paths else f"{what} split {split!r}"
+
     if spec.max_train_samples:  # the original's rule: training AND validation are train[:N]
         n = min(n, spec.max_train_samples)
-        return {spec.train_split: _dataset_rows(train, column, 0, n),
-                spec.validation_split: _dataset_rows(train, column, 0, n)}
+        return {spec.train_split: _dataset_rows(train, column, 0, n, where(spec.train_split)),
+                spec.validation_split: _dataset_rows(train, column, 0, n, where(spec.train_split))}
     if spec.validation_file or (spec.validation_split_percentage is None and spec.validation_split in loaded):
         validation = loaded[spec.validation_split]
-        return {spec.train_split: _dataset_rows(train, column, 0, n),
-                spec.validation_split: _dataset_rows(validation, column, 0, _num_rows(validation))}
+        return {spec.train_split: _dataset_rows(train, column, 0, n, where(spec.train_split)),
+                spec.validation_split: _dataset_rows(validation, column, 0, _num_rows(validation, what),
+                                                     where(spec.validation_split))}
     # validation = train[:P%], training = train[P%:] (the original; run_clm's fallback with P = 5).
     n_val = percent_rows(n, spec.validation_split_percentage or 5)
-    return {spec.train_split: _dataset_rows(train, column, n_val, n),
-            spec.validation_split: _dataset_rows(train, column, 0, n_val)}
+    return {spec.train_split: _dataset_rows(train, column, n_val, n, where(spec.train_split)),
+            spec.validation_split: _dataset_rows(train, column, 0, n_val, where(spec.train_split))}
 
 
 def build_blocks(base: str, key: str, corpus: Corpus, split: str, tokenizer: Tokenizer,
@@ -508,51 +546,62 @@ def build_blocks(base: str, key: str, corpus: Corpus, split: str, tokenizer: Tok
 
 
 def write_blocks(base: str, key: str, block_size: int, pieces: Iterator[np.ndarray]) -> int:
-    """Write the int32 token arrays (whole blocks) to base.bin and the sidecar base.json; the number
-    of blocks. Both files are written under temporary names and renamed, the sidecar last: a killed
-    run leaves either no cache or a complete one."""
-    tmp_suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
-    n_tokens = 0
-    try:
-        with open(base + ".bin" + tmp_suffix, "wb") as f:
-            for ids in pieces:
-                f.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-                n_tokens += ids.size
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.remove(base + ".bin" + tmp_suffix)
-        raise
-    os.replace(base + ".bin" + tmp_suffix, base + ".bin")
+    """Write the int32 token arrays (whole blocks) to base.bin and the sidecar base.json (with the
+    tokens' SHA-256, the data's identity in a run's record); the number of blocks. Each file is
+    written durably under a temporary name and renamed, the sidecar last: a killed run (or a power
+    loss) leaves either no cache or a complete one."""
+    n_tokens, digest = 0, hashlib.sha256()
+
+    def write(f):
+        nonlocal n_tokens
+        for ids in pieces:
+            data = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
+            f.write(data)
+            digest.update(data)
+            n_tokens += ids.size
+
+    durable.write_file(base + ".bin", write, binary=True)
     n_blocks = n_tokens // block_size
     meta = {"key": key, "dtype": "int32", "block_size": block_size, "n_blocks": n_blocks,
-            "bytes": n_blocks * block_size * 4}
-    with open(base + ".json" + tmp_suffix, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(base + ".json" + tmp_suffix, base + ".json")
+            "bytes": n_blocks * block_size * 4, "sha256": digest.hexdigest()}
+    durable.write_json(base + ".json", meta, indent=1)
     return n_blocks
 
 
-def open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None, str | None]:
-    """(memory-mapped blocks, None), or (None, why the cache cannot be used)."""
+def open_blocks(base: str, key: str, block_size: int) -> tuple[np.ndarray | None, str]:
+    """(memory-mapped blocks, their SHA-256), or (None, why the cache cannot be used)."""
     if not os.path.exists(base + ".json"):
         return None, "missing"
+    meta = durable.read_derived_json(base + ".json")
+    if meta is None:
+        return None, "its sidecar .json is damaged"
+    expected = {"key": key, "dtype": "int32", "block_size": block_size}
+    wrong = [k for k, v in expected.items() if meta.get(k) != v]
+    if wrong:
+        return None, f"sidecar field(s) {', '.join(wrong)} do not match"
     try:
-        with open(base + ".json") as f:
-            meta = json.load(f)
-        expected = {"key": key, "dtype": "int32", "block_size": block_size}
-        wrong = [k for k, v in expected.items() if meta.get(k) != v]
-        if wrong:
-            return None, f"sidecar field(s) {', '.join(wrong)} do not match"
-        n_blocks = int(meta["n_blocks"])
+        n_blocks, digest = int(meta["n_blocks"]), str(meta["sha256"])
         size = os.path.getsize(base + ".bin")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"{type(e).__name__}: {e}"
     if size != n_blocks * block_size * 4 or meta.get("bytes") != size:
         return None, f"file has {size} bytes, sidecar says {n_blocks} blocks of {block_size} int32"
     if n_blocks == 0:  # np.memmap cannot map an empty file
-        return np.zeros((0, block_size), np.int32), None
-    return np.memmap(base + ".bin", dtype=np.int32, mode="r", shape=(n_blocks, block_size)), None
+        return np.zeros((0, block_size), np.int32), digest
+    return np.memmap(base + ".bin", dtype=np.int32, mode="r", shape=(n_blocks, block_size)), digest
+
+
+def tokens_identity(prepared) -> dict:
+    """{split: {sha256, blocks}}: the tokens a run trains and evaluates on, kept in its run_config.json;
+    the digests of the cache's sidecars (of the whole split), or, for data handed over in memory
+    (train(prepared=...)), computed here. `blocks` counts those used (max_eval_samples applied)."""
+    digests = getattr(prepared, "digests", None) or {}
+    identity = {}
+    for split in ("train", "validation"):
+        blocks = getattr(prepared, split)
+        blocks = np.zeros((0, 0), np.int32) if blocks is None else np.ascontiguousarray(blocks, np.int32)
+        identity[split] = {"sha256": digests.get(split) or hashlib.sha256(blocks).hexdigest(), "blocks": len(blocks)}
+    return identity
 
 
 def _check_local_file(key: str, path: str, ext: str) -> None:
@@ -641,7 +690,7 @@ def _check_numbers(cfg: dict, num_proc, source: str) -> int | None:
     if percentage is not None:  # the original's files give it as a string, "1"
         try:
             percentage = int(percentage)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
             percentage = None
         if percentage is None or not 0 < percentage < 100:
             raise DataError("config key 'validation_split_percentage' must be a whole number "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
+from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError, check_texts
 from flax_gpt2v.errors import first_line
 
 if TYPE_CHECKING:  # the spec is built by pipeline, which calls this module
@@ -45,13 +45,16 @@ def load_tfds(spec: DataSpec) -> dict:
                         f"(it has {', '.join(builder.info.features)})")
     array_record = builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
 
+    def where(split):
+        return f"tfds dataset {name!r} split {split}"
+
     def reader(split):
         def batches():
             if array_record:
                 source = builder.as_data_source(split=split)
                 for start in range(0, len(source), ROWS_PER_BATCH):
                     rows = source.__getitems__(range(start, min(start + ROWS_PER_BATCH, len(source))))
-                    yield [_text(row[column]) for row in rows]
+                    yield check_texts([_text(row[column]) for row in rows], where(split), start, column)
                 return
             try:
                 rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
@@ -59,19 +62,24 @@ def load_tfds(spec: DataSpec) -> dict:
                 raise DataError(f"tfds dataset {name!r} is stored as {builder.info.file_format.value}, which "
                                 f"needs TensorFlow to read ({first_line(e, with_type=True)}): pip install "
                                 "tensorflow-cpu, or prepare it with file_format array_record") from None
-            batch = []
+            batch, start = [], 0
             for row in rows:
                 batch.append(_text(row[column]))
                 if len(batch) == ROWS_PER_BATCH:
-                    yield batch
-                    batch = []
+                    yield check_texts(batch, where(split), start, column)
+                    batch, start = [], start + len(batch)
             if batch:
-                yield batch
+                yield check_texts(batch, where(split), start, column)
         batches.num_rows = splits[split].num_examples
         return batches
 
     return {spec.train_split: reader(train), spec.validation_split: reader(validation)}
 
 
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _text(value):
+    """A Text feature's bytes decoded; anything else (bytes that are not UTF-8 too) as it is, for
+    check_texts to name."""
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else value
+    except UnicodeDecodeError:
+        return value

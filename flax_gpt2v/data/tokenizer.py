@@ -16,6 +16,7 @@ import os
 import socket
 import urllib.parse
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import MASK_TOKEN
 from flax_gpt2v.errors import first_line
 
@@ -53,8 +54,12 @@ class Tokenizer:
 
     def save(self, directory: str, *, model_max_length: int) -> None:
         """The tokenizer's files, saying `model_max_length`: the positions of the model they are saved
-        with (512 for duo-predict), not those of the model the tokenizer was published with."""
+        with (512 for duo-predict), not those of the model the tokenizer was published with. Each file
+        is replaced whole (durable.move_into)."""
         self.hf.model_max_length = model_max_length
+        durable.move_into(directory, self._write_files)
+
+    def _write_files(self, directory: str) -> None:
         self.hf.save_pretrained(directory)
         # Newer transformers fold this file into tokenizer_config.json; older
         # loaders (and people) still look for it.

@@ -23,8 +23,6 @@ import dataclasses
 import datetime
 import gc
 import itertools
-import json
-import os
 import platform
 import re
 import shlex
@@ -38,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_gpt2v import durable
 from flax_gpt2v.evaluation import profiling
 from flax_gpt2v.training import sharding
 from flax_gpt2v.training.options import TrainOptions
@@ -509,13 +508,6 @@ def default_output(device: str, date: str) -> Path:
     return path
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- command line
 
 def positive(text: str) -> int:
@@ -596,7 +588,8 @@ def _main(argv: list[str] | None) -> int:
     for work in works:
         result = benchmark(work, args)
         report["results"].append(result)
-        write_json_atomically(output, report)  # after every config: a late failure keeps the earlier ones
+        output.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_json(output, report, indent=2)  # after every config: a late failure keeps the earlier ones
         print(f"\n{markdown_table([result])}\n", flush=True)
         if args.profile:
             print(f"{profile_tables(result)}\n", flush=True)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_gpt2v import durable
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.data import pipeline as data
-from flax_gpt2v.config import read_json
+from flax_gpt2v.config import ConfigError, read_json
 from flax_gpt2v.lm import LM, load
 from flax_gpt2v.models import VARIANTS, variant_of
 from flax_gpt2v.data.tokenizer import Tokenizer
@@ -121,12 +122,8 @@ def validation_blocks(cfg: dict, tokenizer: Tokenizer | None, cache_dir: str,
     directory = os.path.join(cache_dir, "eval", key)
     os.makedirs(directory, exist_ok=True)
     base = os.path.join(directory, "validation")
-    blocks, problem = data.open_blocks(base, key, spec.block_size)
-    if blocks is None:
-        data.build_blocks(base, key, corpus, spec.validation_split, tokenizer, spec.block_size, log)
-        blocks, problem = data.open_blocks(base, key, spec.block_size)
-        if blocks is None:
-            raise EvalError(f"cache {base}.bin cannot be read back: {problem}")
+    blocks = data.cached_split(base, key, spec.block_size, lambda: data.build_blocks(
+        base, key, corpus, spec.validation_split, tokenizer, spec.block_size, log), log)[0]
     if spec.max_eval_samples:
         blocks = blocks[:spec.max_eval_samples]
     if len(blocks) == 0:
@@ -198,20 +195,24 @@ def generate_text(lm: LM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int
 
 # ---------------------------------------------------------------- comparing runs
 
-def read_metrics(run_dir: str) -> list[dict]:
+def read_metrics(run_dir: str, log: Callable[[str], None] = lambda msg: None) -> list[dict]:
+    """The records of a run's metrics.jsonl. A last line that does not parse was torn by a crash while
+    being written (the run's resume drops it): it is left out, in one line to `log`."""
     path = os.path.join(run_dir, METRICS)
     if not os.path.isdir(run_dir):
         raise EvalError(f"{run_dir}: no such directory")
     if not os.path.isfile(path):
         raise EvalError(f"{run_dir}: no {METRICS} (not a training run directory)")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path} line {n}: not JSON ({e.msg})") from None
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n != lines[-1][0]:
+                raise EvalError(f"{path} line {n}: not JSON ({e.msg})") from None
+            log(f"{path}: its last line (line {n}) is torn; leaving it out")
     return records
 
 
@@ -220,10 +221,13 @@ def count_params(run_dir: str) -> int | None:
     for d in (run_dir, os.path.join(run_dir, "best")):
         f = os.path.join(d, checkpoint.NATIVE_WEIGHTS)
         if os.path.isfile(f):
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+            try:
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+            except (ValueError, TypeError, KeyError, AttributeError):  # damaged: the config still counts them
+                continue
     run = find_run_config(run_dir)
     cfg = (run or {}).get("model") or (read_json(os.path.join(run_dir, "config.json"))
                                         if os.path.isfile(os.path.join(run_dir, "config.json")) else None)
@@ -272,15 +276,17 @@ def describe_data(data: dict | None) -> str | None:
     return text
 
 
-def summarize_run(run_dir: str) -> dict:
-    records = read_metrics(run_dir)
+def summarize_run(run_dir: str, log: Callable[[str], None] = lambda msg: None) -> dict:
+    """A run's row of the comparison; what is damaged in its files is named in one line each to `log`."""
+    records = read_metrics(run_dir, log)
     evals = [r for r in records if "eval_loss" in r]
-    summary_file = os.path.join(run_dir, SUMMARY)
-    tps = None
-    if os.path.isfile(summary_file):
-        with open(summary_file) as f:
-            tps = json.load(f).get("tokens_per_s")
-    run = (find_run_config(run_dir) if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else None) or {}
+    # A damaged summary.json (a power loss) only lacks tokens/s here; the next run of the same command rewrites it.
+    tps = (durable.read_derived_json(os.path.join(run_dir, SUMMARY), log) or {}).get("tokens_per_s")
+    try:
+        run = (find_run_config(run_dir) if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else None) or {}
+    except (ConfigError, EvalError) as e:  # the run's description only: compared without it
+        log(f"{e}; comparing {run_dir} without it")
+        run = {}
     row = {"run": run.get("train", {}).get("run_name") or os.path.basename(os.path.normpath(run_dir)),
            "dir": run_dir, "params": count_params(run_dir),
            "model_type": describe_variant(run.get("model")), "data": describe_data(run.get("data")),
@@ -350,7 +356,8 @@ def plot_runs(rows: list[dict], plot_dir: str) -> list[str]:
             ax.legend(title="run | model_type | data", fontsize="small", loc="upper center",
                       bbox_to_anchor=(0.5, -0.14))
         path = os.path.join(plot_dir, f"{name}.png")
-        fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" keeps the legend below the axes
+        # "tight" keeps the legend below the axes
+        durable.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
         plt.close(fig)
         written.append(path)
     return written

@@ -4,7 +4,7 @@ Native: `config.json` (the validated config + "flax_gpt2v_format") and
 `flax_params.safetensors` (float32, keys = '/'-joined Flax paths), plus the
 tokenizer files when known. HF: what `transformers` (and the original's classes)
 load as-is. Every write goes to a temporary directory beside the destination
-first, which then takes its place whole, so a failed or killed write never
+first, fsynced, which then takes its place whole, so a failed or killed write (or a power loss) never
 leaves a half-written checkpoint nor destroys an existing one; replacing a
 checkpoint replaces only the files this module writes (README "Conversion").
 """
@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import safetensors.numpy
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import HF_MUST_BE, read_json
 from flax_gpt2v.models import load_config, variant_of
 from flax_gpt2v.hf.files import CONFIG_FILE, CheckpointError, read_safetensors
@@ -247,6 +248,7 @@ def _require_files(path: str | os.PathLike, names: tuple[str, ...], kind: str) -
 
 
 def _write_json(file: str, data: Mapping[str, Any]) -> None:
+    # Into the temporary directory, which _write_dir_atomically fsyncs whole before it takes its place.
     with open(file, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -295,12 +297,14 @@ def _write_dir_atomically(path: str | os.PathLike, replace: bool, write: Callabl
     try:
         write(tmp)
         files = sorted(os.listdir(tmp))
+        durable.fsync_tree(tmp)  # on disk before it takes the old one's place
         if exists:
             for entry in sorted(set(os.listdir(path)) - owned):
                 _link_tree(os.path.join(path, entry), os.path.join(tmp, entry))
             _exchange(tmp, path)  # tmp now holds the old checkpoint
         else:
             os.rename(tmp, path)
+        durable.fsync_dir(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files

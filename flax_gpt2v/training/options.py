@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Mapping
@@ -95,12 +96,15 @@ class TrainOptions:
         bounded(lambda v: v is None or v > 0, "> 0 or null"), kind=float)
     save_steps: int = option(500, "write a checkpoint every N steps", positive_int)
     save_total_limit: int | None = option(None, "keep the last N checkpoints (null: all)", positive_int)
-    early_stopping_patience: int | None = option(2, "stop after N evaluations without improvement (null: never)")
+    early_stopping_patience: int | None = option(2, "stop after N evaluations without improvement (null: never)",
+                                                 bounded(lambda v: v is None or v >= 0, ">= 0 or null"))
     early_stopping_threshold: float = option(0.0, "smallest eval loss decrease that counts as an improvement")
     max_nonfinite_steps: int = option(5, "stop after N steps in a row whose loss or gradient is not finite (their "
                                          "updates are skipped); 0: never stop", bounded(lambda v: v >= 0, ">= 0"))
-    seed: int = option(42, "seed of the initialization and dropout (and of the batch order without data_seed)")
-    data_seed: int | None = option(None, "seed of the batch order (null: seed)", kind=int)
+    seed: int = option(42, "seed of the initialization and dropout (and of the batch order without data_seed), "
+                           "in [0, 2**32)", bounded(lambda v: 0 <= v < 2**32, "in [0, 2**32)"))
+    data_seed: int | None = option(None, "seed of the batch order (null: seed), in [0, 2**32)",
+                                   bounded(lambda v: v is None or 0 <= v < 2**32, "in [0, 2**32) or null"), kind=int)
     mesh: dict = option({"data": -1, "fsdp": 1, "tensor": 1},
                         "devices per mesh axis: data, fsdp, tensor (-1: the devices left)")
     distributed: dict | None = option(
@@ -121,8 +125,9 @@ class TrainOptions:
 @dataclasses.dataclass(frozen=True)
 class AcceptedOptions:
     """Keys the trainer reads but never keeps in run_config.json. hub_token is read by hub.HubPush, so
-    that no file ever holds it; the HF Trainer keys of the original's files are checked for the one
-    value this trainer does (original_experiments.ONLY_VALUES, checked by resolve_options)."""
+    that no file ever holds it; accept_data_change by run_files.check_same_tokens, for the one resume
+    it allows; the HF Trainer keys of the original's files are checked for the one value this trainer
+    does (original_experiments.ONLY_VALUES, checked by resolve_options)."""
     hub_token: str | None = option(None, "Hub token (null: HF_TOKEN or `hf auth login`); never written to a file")
     eval_strategy: str | None = option(None, 'accepted as "steps" only: evaluation runs every eval_steps')
     evaluation_strategy: str | None = option(None, 'the older name of eval_strategy: "steps" only')
@@ -131,6 +136,9 @@ class AcceptedOptions:
     metric_for_best_model: str | None = option(
         None, 'accepted as "eval_loss" (or "loss") only: best/ and early stopping use the eval loss')
     greater_is_better: bool | None = option(None, "accepted as false only (a lower eval loss is better)")
+    accept_data_change: bool | None = option(
+        None, "resume although the data's tokens changed since the run was checkpointed (refused otherwise); "
+              "the change is kept in run_config.json's history")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +205,10 @@ def _type_problem(f: dataclasses.Field, v: Any) -> str | None:
           isinstance(v, int) and not isinstance(v, bool) if expected is int else
           isinstance(v, (int, float)) and not isinstance(v, bool) if expected is float else
           isinstance(v, expected))
-    return None if ok else f"expected {expected.__name__}, got {v!r}"
+    if not ok:
+        return f"expected {expected.__name__}, got {v!r}"
+    # JSON's NaN and Infinity (and --key NaN) parse as floats; no option means anything by them.
+    return None if expected is not float or math.isfinite(v) else f"must be a finite number, got {v!r}"
 
 
 def resolve_options(train: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> TrainOptions:

@@ -14,6 +14,7 @@ import os
 import uuid
 from typing import Any, Callable
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.errors import first_line
 
@@ -73,8 +74,7 @@ class WandB:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "flax-gpt2v",
                               name=run_config["train"]["run_name"], id=run_id, resume="allow",
                               config=run_config, dir=os.environ.get("WANDB_DIR") or output_dir)
-        with open(id_file, "w") as f:
-            f.write(run_id)
+        durable.write_text(id_file, run_id)
 
     def log(self, record: dict) -> None:
         self.run.log(hf_tags(record), step=record["step"])

@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import Callable
 
+from flax_gpt2v import durable
 from flax_gpt2v.errors import first_line
 from flax_gpt2v.hf.checkpoint import NATIVE_FORMAT, PER_LAYER_FORMAT, CheckpointError
 
@@ -49,13 +50,10 @@ def file_digests(step_dir: str) -> dict:
 
 
 def write_manifest(step_dir: str) -> None:
-    files = file_digests(step_dir)
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    # Orbax's files on disk before the manifest that vouches for them: a step with a sha256.json is whole
+    # after a power loss too.
+    durable.fsync_tree(step_dir)
+    durable.write_json(os.path.join(step_dir, MANIFEST), {"files": file_digests(step_dir)}, indent=1)
 
 
 def verify(step_dir: str) -> str | None:

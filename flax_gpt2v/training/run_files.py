@@ -1,5 +1,5 @@
 """What a run writes in its output_dir besides the Orbax checkpoints: metrics.jsonl (and the report_to
-backends), run_config.json and its history of changed options, the final model and its HF export,
+backends), run_config.json and its history of changed options and data, the final model and its HF export,
 summary.json and the run's last log line; and the check that output_dir holds this run or none.
 """
 from __future__ import annotations
@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from typing import Any, Callable, Mapping
 
 import jax
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError, read_json
 from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.training import reporting
@@ -36,7 +35,7 @@ class MetricsLog:
             # Lines past the restored step were written by the lost part of an interrupted run;
             # a line that does not parse was torn by a crash or a full disk while being written.
             keep, torn = [], 0
-            with open(self.path) as f:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:
                         record = json.loads(line) if line.strip() else None
@@ -47,11 +46,8 @@ class MetricsLog:
                         keep.append(line if line.endswith("\n") else line + "\n")
             if torn:
                 log(f"{self.path}: dropped {torn} unreadable (torn) line{'s' * (torn > 1)}")
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+            durable.write_file(self.path, lambda f: f.writelines(keep))
+        self.file = open(self.path, "a", encoding="utf-8")
         self.backends = reporting.open_backends(opts.report_to, opts.output_dir, run_config, log, restored_step)
 
     def write(self, record: dict) -> None:
@@ -60,6 +56,8 @@ class MetricsLog:
         record = strict_json(record)
         self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
+        # On disk before any later checkpoint: a resume keeps every line up to its step.
+        os.fsync(self.file.fileno())
         for backend in self.backends:
             backend.log(record)
 
@@ -82,7 +80,11 @@ def check_output_dir(opts: TrainOptions, model_cfg: dict) -> dict | None:
     resuming = os.path.isdir(os.path.join(out, CHECKPOINTS)) and bool(os.listdir(os.path.join(out, CHECKPOINTS)))
     saved = os.path.join(out, RUN_CONFIG)
     if resuming and os.path.exists(saved):
-        saved_run = read_json(saved)
+        try:
+            saved_run = read_json(saved)
+        except ConfigError as e:  # not rebuilt: it holds the run's history of changed options
+            raise ConfigError(f"{e}; it is this run's record: restore it, or delete it to resume without "
+                              "its history of changed options") from None
         before = saved_run.get("model")
         if not isinstance(before, dict):
             raise ConfigError(f"{saved} has no 'model' object, so it was not written by this trainer; "
@@ -99,19 +101,46 @@ def check_output_dir(opts: TrainOptions, model_cfg: dict) -> dict | None:
     return {} if resuming else None
 
 
+def check_same_tokens(before: dict | None, run_config: dict, accept, log) -> None:
+    """Refuses to resume a run whose data's tokens (run_config's `tokens`: each split's SHA-256 from
+    the token cache) changed since it was checkpointed (the same train_file, other contents is most
+    likely a mistake), unless `accept` (the accept_data_change key): then the change is announced,
+    and record_changes keeps it in the history."""
+    if not isinstance(accept, (bool, type(None))):
+        raise ConfigError(f"config key 'accept_data_change': expected true or false, got {accept!r}")
+    old, new = (before or {}).get("tokens"), run_config["tokens"]
+    if not old:  # a new run, or one recorded before the tokens were
+        return
+    changed = [split for split in new if (old.get(split) or {}).get("sha256") != new[split]["sha256"]]
+    if not changed:
+        return
+    def tokens(ident):
+        return f"{ident.get('blocks')} blocks, sha256 {str(ident.get('sha256'))[:12]}"
+
+    what = "; ".join(f"{split}: {tokens(old.get(split) or {})} then, {tokens(new[split])} now" for split in changed)
+    out = run_config["train"]["output_dir"]
+    if not accept:
+        raise ConfigError(f"the data changed since the run in {out} was checkpointed ({what}); restore it, use "
+                          "another output_dir, or resume on the new data with --accept_data_change true")
+    log(f"accept_data_change: resuming {out} on changed data ({what})")
+
+
 def record_changes(before: dict, run_config: dict, step: int, log) -> dict:
-    """run_config with `history` carried on from `before` plus, when trainer or data options
-    changed since, an entry {step, changed: {key: [old, new]}}; each change is announced."""
+    """run_config with `history` carried on from `before` plus, when trainer or data options or the
+    data's tokens changed since, an entry {step, changed: {key: [old, new]}}; each change is announced."""
     if not before:  # checkpoints without a run_config.json: nothing to compare with
         return run_config
     history = list(before.get("history", []))
     changed = {}
-    for section in ("train", "data"):
-        old, new = before.get(section, {}), run_config[section]
+    for section in ("train", "data", "tokens"):
+        if section not in before:  # written by a trainer that did not record it
+            continue
+        old, new = before[section], run_config[section]
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                changed[key] = [old.get(key), new.get(key)]
-                log(f"resuming at step {step} with {key} changed: {old.get(key)!r} -> {new.get(key)!r}")
+                name = f"tokens.{key}" if section == "tokens" else key
+                changed[name] = [old.get(key), new.get(key)]
+                log(f"resuming at step {step} with {name} changed: {old.get(key)!r} -> {new.get(key)!r}")
     if changed:
         history.append({"step": step, "changed": changed})
     return {**run_config, "history": history} if history else run_config
@@ -141,11 +170,7 @@ def save_final(opts: TrainOptions, model_cfg: dict, params, log) -> None:
     """Native checkpoint in output_dir itself (beside checkpoints/, best/, ...), then the HF export."""
     out = opts.output_dir
     # save_native replaces a whole directory, so it writes a staging one whose files move in.
-    staging = os.path.join(out, f".final-{uuid.uuid4().hex[:8]}")
-    checkpoint.save_native(staging, model_cfg, params)
-    for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(out, name))
-    shutil.rmtree(staging)
+    durable.move_into(out, lambda staging: checkpoint.save_native(staging, model_cfg, params))
     if opts.export_hf:
         try:
             checkpoint.save_hf_dir(os.path.join(out, "hf"), model_cfg, params, force=True,

@@ -19,7 +19,6 @@ tokenizer files) and hf/ (HF export).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -29,6 +28,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.hf import checkpoint
@@ -40,7 +40,8 @@ from flax_gpt2v.training.options import (DATA_KEYS, IGNORED_KEYS, TrainOptions, 
                                          load_run_config)
 from flax_gpt2v.training.run_checkpoints import RunCheckpoints
 from flax_gpt2v.training.run_files import (CHECKPOINTS, RUN_CONFIG, SUMMARY, MetricsLog, check_output_dir,
-                                           record_changes, save_final, strict_json, what_was_trained)
+                                           check_same_tokens, record_changes, save_final, strict_json,
+                                           what_was_trained)
 from flax_gpt2v.training.schedule import adamw, lr_schedule
 from flax_gpt2v.training.steps import (abstract_state, eval_loop, eval_metrics, flops_per_token, global_batch,
                                        host_params, init_state, jit_eval_step, jit_train_step, peak_flops)
@@ -159,10 +160,13 @@ class Run:
         """The saved run_config to resume (check_output_dir); writes the tokenizer, builds this run_config."""
         opts = self.opts
         saved_run = check_output_dir(opts, self.model_cfg)
-        os.makedirs(opts.output_dir, exist_ok=True)
-        # The data keys too, so that eval_jax.py measures a run on the data it was trained for.
+        # The data keys too, so that eval_jax.py measures a run on the data it was trained for, and the
+        # tokens' identity, so that a resume knows what it resumes.
         self.run_config = {"model": self.model_cfg, "train": dataclasses.asdict(opts),
-                           "data": {k: v for k, v in self.train_keys.items() if k in DATA_KEYS}}
+                           "data": {k: v for k, v in self.train_keys.items() if k in DATA_KEYS},
+                           "tokens": data.tokens_identity(self.prepared)}
+        check_same_tokens(saved_run, self.run_config, self.train_keys.get("accept_data_change"), self.log)
+        os.makedirs(opts.output_dir, exist_ok=True)
         if self.is_main:
             self.prepared.tokenizer.save(opts.output_dir, model_max_length=self.model_cfg["n_positions"])
         self.tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None
@@ -236,8 +240,7 @@ class Run:
                 self.train_keys, self.model_cfg, host_params(self.state["params"]), opts.seed, self.log),
                 self.state_shardings["params"])
         if self.is_main:
-            with open(os.path.join(opts.output_dir, RUN_CONFIG), "w") as f:
-                json.dump(self.run_config, f, indent=2, sort_keys=True)
+            durable.write_json(os.path.join(opts.output_dir, RUN_CONFIG), self.run_config, indent=2, sort_keys=True)
 
     # ------------------------------------------------------------ the loop
 
@@ -358,20 +361,20 @@ class Run:
         final_step = int(jax.device_get(self.state["step"]))
         params = host_params(self.state["params"])  # a collective: every process, before any may return
         summary_path = os.path.join(self.opts.output_dir, SUMMARY)
-        if final_step == self.start and os.path.exists(summary_path):
+        # A damaged summary (a power loss) is missing: the final model and summary are written again.
+        saved = durable.read_derived_json(summary_path, self.log) if final_step == self.start else None
+        if saved is not None:
             # Rerunning a finished run trains nothing and measures nothing: its summary, final model and
-            # export (written before the summary) stand, and nothing is pushed again.
+            # export (written durably before the summary) stand, and nothing is pushed again.
             self.log(f"done: the run in {self.opts.output_dir} had already ended at step {final_step}")
-            with open(summary_path) as f:
-                return json.load(f)
+            return saved
         if self.is_main:
             save_final(self.opts, self.model_cfg, params, self.log)
             self.hub.push_final(os.path.join(self.opts.output_dir, "hf"))
         summary = self._summary(final_step)
         if self.is_main:
             # Timings stay out of metrics.jsonl (a resumed run must write the same lines); they live here.
-            with open(summary_path, "w") as f:
-                json.dump(strict_json(summary), f, indent=2, allow_nan=False)
+            durable.write_json(summary_path, strict_json(summary), indent=2, allow_nan=False)
         return summary
 
     def _close(self) -> None:

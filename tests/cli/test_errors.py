@@ -297,7 +297,10 @@ def text_file(tmp_path, name="train.txt"):
 
 @pytest.mark.parametrize("key, value, message", [
     ("learning_rate", -1, ">= 0"),
-    ("learning_rate", "NaN", ">= 0"),
+    ("learning_rate", "NaN", "finite"),
+    ("seed", -1, "in [0, 2**32)"),
+    ("data_seed", -1, "in [0, 2**32)"),
+    ("early_stopping_patience", -1, ">= 0"),
     ("adam_beta1", 1.0, "in [0, 1)"),
     ("adam_beta2", -0.1, "in [0, 1)"),
     ("adam_epsilon", 0, "> 0"),
@@ -309,6 +312,47 @@ def test_trainer_ranges(key, value, message, tmp_path, capsys):
     config = write_config(tmp_path)
     line = fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", config, f"--{key}", value], f"'{key}'",
                          message)
+    assert not (tmp_path / "run").exists(), line
+
+
+def float_keys():
+    """Every float key a run's config takes: the trainer options whose type is float, GPT-2's float
+    keys and each variant's (models/variant.py `floats`)."""
+    from flax_gpt2v.config import _FLOAT
+    from flax_gpt2v.models import VARIANTS
+
+    train = [f.name for f in dataclasses.fields(options.TrainOptions) if isinstance(options.default_of(f), float)]
+    model = [(k, None) for k in _FLOAT] + [(k, v.model_type) for v in VARIANTS.values() for k in v.floats]
+    return [(k, None) for k in train] + model
+
+
+@pytest.mark.parametrize("key, model_type", float_keys())
+def test_every_float_key_refuses_values_that_are_not_finite(key, model_type):
+    """In-process through the config's validation (what train_jax.py runs before writing anything)."""
+    for value in (float("nan"), float("inf"), float("-inf")):
+        cfg = {"model_type": model_type or "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, key: value}
+        with pytest.raises(ConfigError, match=rf"config key '{key}': must be a finite number"):
+            options.load_run_config(cfg)
+
+
+def test_config_files_that_are_not_a_json_object_name_the_file(tmp_path, capsys):
+    for name, content in (("latin-1.json", '{"run_name": "caf\xe9"}'.encode("latin-1")), ("empty.json", b""),
+                          ("array.json", b"[1, 2]"), ("torn.json", b'{"model_type": "gp')):
+        path = tmp_path / name
+        path.write_bytes(content)
+        fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", path], path)
+    # A byte-order mark, as some editors write, is UTF-8 still.
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"model_type": "gpt2"}).encode())
+    assert options.load_run_config(str(path))[1]["model_type"] == "gpt2"
+
+
+def test_rows_that_are_not_text_stop_the_trainer_before_it_writes(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["some text", "more text", None]))
+    config = write_config(tmp_path, train_file=str(path), streaming=True)
+    line = fails_cleanly(capsys, tmp_path, train_jax.main, ["--config", config], path, "row 3, column 'text'",
+                         progress=True)
     assert not (tmp_path / "run").exists(), line
 
 

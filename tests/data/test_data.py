@@ -1,4 +1,5 @@
 """Data pipeline: sources, grouping, caches, batch order and batch layout. Local data only."""
+import hashlib
 import os
 import sys
 
@@ -136,12 +137,15 @@ def test_cache_hit_and_rebuild_after_corruption(embedded):
     train_bin = os.path.join(second.cache_path, "train.bin")
     with open(train_bin, "r+b") as f:  # a run killed mid-write would leave a short file
         f.truncate(1000)
-    with open(os.path.join(second.cache_path, "validation.json"), "w") as f:
-        f.write("{not json")
+    with open(os.path.join(second.cache_path, "validation.json"), "w"):
+        pass  # torn to zero bytes, as a power loss leaves a file written without fsync
     logs = []
     third = prepare_data({"block_size": 256}, cache, log=logs.append)
     assert not third.cache_hit
     assert sum("unusable" in line and "rebuilding" in line for line in logs) == 2
+    # The identity a run records: the tokens' SHA-256, the same from the sidecar as from the arrays.
+    assert data.tokens_identity(third) == data.tokens_identity(second)
+    assert third.digests["train"] == hashlib.sha256(want_train).hexdigest()
     np.testing.assert_array_equal(third.train, want_train)
     np.testing.assert_array_equal(third.validation, want_val)
     # Another block size is another cache entry.
@@ -234,3 +238,40 @@ def test_unknown_dataset_offline_is_a_one_line_error(tmp_path):
     assert "no-such-org/no-such-dataset" in message and "\n" not in message
     with pytest.raises(DataError, match="both 'dataset' and 'train_file'"):
         prepare_data({"dataset": "wikitext", "train_file": "x.txt"}, str(tmp_path))
+
+
+# Rows that are not text, in each format datasets reads: (file name, contents, the bad row).
+BAD_ROWS = {
+    "null.jsonl": ('{"text": "a b"}\n{"text": "c"}\n{"text": null}\n', 3),
+    "number.jsonl": ('{"text": "a b"}\n{"text": 5}\n', 2),
+    "array.json": ('[{"text": "a b"}, {"text": null}]', 2),
+    "cell.csv": ('text,n\n"a b",1\n,2\n', 2),  # an empty cell; the header is not a row
+    "null.parquet": (["a b", "c", None], 3),
+    "number.parquet": ([1, 2], 1),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_rows_that_are_not_text_are_named(streaming, tmp_path):
+    """Every format, streaming and not: one DataError naming the file, the row and the column, raised
+    while the rows are read (before a token of them is cached)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, (content, row) in BAD_ROWS.items():
+        path = tmp_path / name
+        if name.endswith(".parquet"):
+            pq.write_table(pa.table({"text": content}), path)
+        else:
+            path.write_text(content)
+        corpus = data.Corpus(data.DataSpec.from_config({"train_file": str(path), "validation_file": str(path),
+                                                        "streaming": streaming}))
+        with pytest.raises(DataError) as err:
+            list(corpus.batches("train"))
+        assert f"{path}: row {row}, column 'text': " in str(err.value) and "not text" in str(err.value)
+    # Bytes that are not UTF-8 past the part checked up front (1 MiB): read by the stream as by datasets.
+    path = tmp_path / "late.txt"
+    path.write_bytes(b"some text\n" * 120000 + b"caf\xe9\n")
+    corpus = data.Corpus(data.DataSpec.from_config({"train_file": str(path), "streaming": streaming}))
+    with pytest.raises(DataError, match=f"cannot load {path}: UnicodeDecodeError"):
+        list(corpus.batches("train"))

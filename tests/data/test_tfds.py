@@ -93,7 +93,10 @@ def test_tfds_errors_are_one_line(built, tmp_path):
     for cfg, words in ((config(built, "no_such_config"), "no_such_config"),
                        (config(built, "two_splits", text_column="body"), "no feature 'body'"),
                        ({**config(built, "two_splits"), "dataset": {**config(built, "two_splits")["dataset"],
-                                                                     "train_split": "test"}}, "no split 'test'")):
+                                                                     "train_split": "test"}}, "no split 'test'"),
+                       # A feature that is not text: named with its first row, as a file's would be.
+                       (config(built, "two_splits", text_column="id"),
+                        r"split train: row 1, column 'id': int\w* '\d+', not text")):
         with pytest.raises(DataError, match=words) as err:
             prepare_data(cfg, str(tmp_path), log=lambda s: None)
         assert "\n" not in str(err.value)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+import eval_jax
 import flax_gpt2v as fg
 from flax_gpt2v.training import run_checkpoints, run_guard
 from flax_gpt2v.training import trainer as tr
@@ -297,7 +298,7 @@ def test_orbax_is_hushed_only_while_checkpoint_io_runs(tmp_path, monkeypatch):
     assert absl.level == level
 
 
-def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tiny_config("gpt2", out, max_steps=2, save_steps=2, eval_steps=2, warmup_steps=1)
     first = tr.train(cfg, prepared=corpus(), log=lambda m: None)
@@ -310,6 +311,43 @@ def test_rerunning_a_finished_run_keeps_its_summary(tmp_path):
     assert not any(line.startswith("resuming at step") for line in lines)  # nothing changed
     with pytest.raises(ConfigError, match=r"config key 'model_type': differs from the run"):
         tr.train({**cfg, **tiny_config("dd-gpt2", out), "n_embd": 64}, prepared=corpus(), log=lambda m: None)
+
+    # Other training data under the same run: refused, nothing written, unless accepted; then kept
+    # in the history like a changed option.
+    other = corpus()
+    other.train = other.train[::-1]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"the data changed since the run in .* was checkpointed \(train: "
+                                          r"\d+ blocks, sha256 \w+ then, \d+ blocks, sha256 \w+ now\); .*"
+                                          r"--accept_data_change true"):
+        tr.train(cfg, prepared=other, log=lambda m: None)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # Torn by a power loss (a file written without the durable writer): a zero-byte summary.json is
+    # rebuilt by the next run.
+    (out / "summary.json").write_bytes(b"")
+    lines = []
+    summary = tr.train({**cfg, "accept_data_change": True}, prepared=other, log=lines.append)
+    assert any(line.startswith("accept_data_change: resuming") for line in lines)
+    run = json.loads((out / "run_config.json").read_text())
+    assert list(run["history"][-1]["changed"]) == ["tokens.train"] and "accept_data_change" not in run["train"]
+    assert any("summary.json is damaged (empty)" in line for line in lines)
+    assert json.loads((out / "summary.json").read_text()) == summary and summary["step"] == 2
+
+    # run_config.json is the run's record (its history): damaged, the trainer refuses and says how to go
+    # on. eval_jax.py --compare reads past it, a damaged summary and a torn last metrics line.
+    (out / "summary.json").write_bytes(b"")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    (out / "run_config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"run_config.json is not UTF-8 text .* delete it to resume"):
+        tr.train(cfg, prepared=other, log=lambda m: None)
+    capsys.readouterr()
+    assert eval_jax.main(["--compare", str(out), "--plot_dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    for damage in ("summary.json is damaged (empty)", "metrics.jsonl: its last line (line",
+                   "run_config.json is not UTF-8 text"):
+        assert damage in err, err
 
 
 # ---------------------------------------------------------------- one run per output_dir

@@ -210,7 +210,7 @@ def _reachable(address: str) -> bool:
 
 def _give_up(lau: Launch, address: str, timeout: int) -> None:
     """Run by a timer thread while jax.distributed.initialize still waits: one line, exit status 2."""
-    who = f"process {lau.process_id} of {lau.num_processes} ({lau.launcher})"
+    who = f"process {lau.process_id} of {lau.num_processes}, {lau.launcher}"
     if lau.process_id != 0 and not _reachable(address):
         text = (f"cannot reach the coordinator at {address} within distributed_timeout={timeout}s ({who}); "
                 "is process 0 running there, and is the port open between the nodes?")
@@ -241,4 +241,6 @@ def initialize(distributed: Mapping | None, timeout: int, log) -> None:
                                    cluster_detection_method="deactivate", initialization_timeout=timeout + 60)
     finally:
         watchdog.cancel()
-    log(describe(lau, address, os.environ) + f" -> {jax.local_device_count()} local devices, {jax.device_count()} in all")
+    local = jax.local_devices()
+    log(describe(lau, address, os.environ) + f" -> {len(local)} local {local[0].platform} devices, "
+                                             f"{jax.device_count()} in all")

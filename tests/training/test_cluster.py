@@ -3,15 +3,21 @@ every launch mode; a coordinator that cannot be reached is one line. Two process
 mpirun launch them train together: tests/training/test_multihost.py."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.training import cluster
-from flax_gpt2v.training.cluster import launch, local_device_ids, tasks_on_node
+from flax_gpt2v.training.cluster import launch, tasks_on_node
+
+from helpers import ROOT
 
 
 
@@ -150,3 +156,36 @@ def test_the_line_each_process_logs():
     env = srun_env(3, 8, "4(x2)", 0, 3, CUDA_VISIBLE_DEVICES=GPUS8)
     assert cluster.describe(launch(env, None), "n:1", env).endswith(
         "local rank 3 of 4, coordinator n:1, GPUs: GPU ordinals 6,7 of CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_coordinator_never_reached_is_one_line_within_the_timeout(tmp_path):
+    """train_jax.py as process 1 of an srun launch whose coordinator port is closed, and as process 0 of
+    an mpirun launch whose other process never comes: each ends after distributed_timeout with one line
+    naming the coordinator, exit status 2, nothing written (JAX alone aborts with a C++ stack trace)."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
+                                  "output_dir": str(tmp_path / "out"), "distributed_timeout": 3}))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMIX_", "JAX_COORD"))}
+    closed, waiting = free_port(), free_port()
+    envs = [{**srun_env(1, 2, "1(x2)", 1, 0, nodelist="127.0.0.1"), "JAX_COORDINATOR_PORT": str(closed)},
+            {**OMPI_RANK1, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+             "OMPI_MCA_orte_hnp_uri": "1143275520.0;tcp://127.0.0.1:34273", "JAX_COORDINATOR_PORT": str(waiting)}]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config", str(config)],
+                              cwd=ROOT, env={**clean, "JAX_PLATFORMS": "cpu", **env}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for env in envs]
+    (_, unreachable), (_, alone) = (p.communicate(timeout=600) for p in procs)
+    assert [p.returncode for p in procs] == [2, 2], unreachable[-3000:] + alone[-3000:]
+    assert unreachable.splitlines() == [
+        f"error: cannot reach the coordinator at 127.0.0.1:{closed} within distributed_timeout=3s (process 1 of 2, "
+        "SLURM); is process 0 running there, and is the port open between the nodes?"]
+    assert alone.splitlines() == [
+        f"error: not all 2 processes joined at the coordinator 127.0.0.1:{waiting} within distributed_timeout=3s "
+        "(process 0 of 2, Open MPI); start every process (srun / mpirun start them all) or raise distributed_timeout"]
+    assert not (tmp_path / "out").exists()

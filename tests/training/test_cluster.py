@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from unittest import mock
@@ -17,7 +16,7 @@ from flax_gpt2v.config import ConfigError
 from flax_gpt2v.training import cluster
 from flax_gpt2v.training.cluster import launch, tasks_on_node
 
-from helpers import ROOT
+from helpers import ROOT, free_port, without_launcher
 
 
 
@@ -158,12 +157,6 @@ def test_the_line_each_process_logs():
         "local rank 3 of 4, coordinator n:1, GPUs: GPU ordinals 6,7 of CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_coordinator_never_reached_is_one_line_within_the_timeout(tmp_path):
     """train_jax.py as process 1 of an srun launch whose coordinator port is closed, and as process 0 of
@@ -172,13 +165,12 @@ def test_a_coordinator_never_reached_is_one_line_within_the_timeout(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2,
                                   "output_dir": str(tmp_path / "out"), "distributed_timeout": 3}))
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMIX_", "JAX_COORD"))}
     closed, waiting = free_port(), free_port()
     envs = [{**srun_env(1, 2, "1(x2)", 1, 0, nodelist="127.0.0.1"), "JAX_COORDINATOR_PORT": str(closed)},
             {**OMPI_RANK1, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
              "OMPI_MCA_orte_hnp_uri": "1143275520.0;tcp://127.0.0.1:34273", "JAX_COORDINATOR_PORT": str(waiting)}]
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config", str(config)],
-                              cwd=ROOT, env={**clean, "JAX_PLATFORMS": "cpu", **env}, text=True,
+                              cwd=ROOT, env={**without_launcher(os.environ), "JAX_PLATFORMS": "cpu", **env}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for env in envs]
     (_, unreachable), (_, alone) = (p.communicate(timeout=600) for p in procs)
     assert [p.returncode for p in procs] == [2, 2], unreachable[-3000:] + alone[-3000:]

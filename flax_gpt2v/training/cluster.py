@@ -152,8 +152,10 @@ def launch(env: Mapping[str, str], distributed: Mapping | None) -> Launch | None
     if n == 1:
         return None
     if not derivable and "coordinator_address" not in values:
-        raise ConfigError(f"{launcher} started this process but names no coordinator: set JAX_COORDINATOR_ADDRESS "
-                          "(or config key 'distributed.coordinator_address') to host:port of process 0")
+        where = f"{launcher} started this process but names no coordinator" if facts else \
+            "config key 'distributed.coordinator_address': not set"
+        raise ConfigError(f"{where}: set JAX_COORDINATOR_ADDRESS (or config key 'distributed.coordinator_address') "
+                          "to host:port of process 0")
     local_rank, local_size = facts.get("local_rank"), facts.get("local_size")
     if "local_device_ids" in distributed:
         ids = distributed["local_device_ids"]

@@ -110,6 +110,8 @@ def test_single_process_runs_join_nothing():
 @pytest.mark.parametrize("env, distributed, message", [
     ({}, {"coordinator_address": "h:1", "num_process": 2}, "config key 'distributed.num_process': unknown"),
     ({}, {"coordinator_address": "h:1"}, "config key 'distributed.num_processes': not set (nor JAX_NUM_PROCESSES)"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, None,
+     "config key 'distributed.coordinator_address': not set: set JAX_COORDINATOR_ADDRESS"),
     ({}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "process_id must be in 0..num_processes-1"),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, None,
      "JAX_NUM_PROCESSES: must be an integer, got 'two'"),

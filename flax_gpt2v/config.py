@@ -83,7 +83,7 @@ TRAINING_KEYS = {
     "device_map", "torch_empty_cache_steps", "dataloader_num_workers", "logging_dir",
     "remove_unused_columns", "ddp_find_unused_parameters", "torch_compile", "tf32",
     "preprocessing_num_workers", "max_eval_samples", "max_train_samples", "streaming",
-    "validation_split_percentage", "cache_dir", "export_hf", "distributed",
+    "validation_split_percentage", "cache_dir", "export_hf", "distributed", "distributed_timeout",
     "eval_harness_tasks", "eval_harness_limit",
     # the rest of the original's files (docs/experiments.md); original_experiments says what each does here
     "train_files", "include_for_metrics", "model_revision", "use_fast_tokenizer", "tokenizer_file",

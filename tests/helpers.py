@@ -7,6 +7,7 @@ import contextlib
 import glob
 import json
 import os
+import socket
 import threading
 import types
 from http.server import ThreadingHTTPServer
@@ -321,6 +322,23 @@ def tiny_config(model_type="gpt2", out="runs/x", **train):
     cfg.update(train)
     return cfg
 
+
+
+# ---------------------------------------------------------------- multi-host launches (tests/training)
+# The variables by which a process knows it was launched as one of several (training/cluster.py).
+LAUNCHER_VARS = ("SLURM_", "OMPI_", "PMIX_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                 "JAX_LOCAL_DEVICE_IDS")
+
+
+def without_launcher(env):
+    """env without any launcher's variables: a test's processes are launched only as it says."""
+    return {k: v for k, v in env.items() if not k.startswith(LAUNCHER_VARS)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_metrics(out):

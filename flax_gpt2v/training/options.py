@@ -108,9 +108,14 @@ class TrainOptions:
     mesh: dict = option({"data": -1, "fsdp": 1, "tensor": 1},
                         "devices per mesh axis: data, fsdp, tensor (-1: the devices left)")
     distributed: dict | None = option(
-        None, "multi-host: {coordinator_address, num_processes, process_id} (null: JAX_* environment)",
+        None, "multi-host: {coordinator_address, num_processes, process_id, local_device_ids}, each key when set "
+              "replacing the JAX_* variable's or the launcher's (null: JAX_* variables, else srun's or mpirun's "
+              "environment, else one process; README, Multi-host and clusters)",
         lambda v: None if v is None or isinstance(v, dict) else
-        "must be an object {coordinator_address, num_processes, process_id}")
+        "must be an object {coordinator_address, num_processes, process_id, local_device_ids}")
+    distributed_timeout: int = option(300, "seconds a multi-host process waits for the coordinator and the other "
+                                           "processes before it stops with one error line naming the coordinator",
+                                      positive_int)
     export_hf: bool = option(True, "write a Hugging Face export to output_dir/hf at the end")
     report_to: list = option(["tensorboard"], "where metrics go besides metrics.jsonl: tensorboard, wandb, all, "
                                               "none (a name or a list)")

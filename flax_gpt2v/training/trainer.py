@@ -35,7 +35,7 @@ from flax_gpt2v.hf import checkpoint
 from flax_gpt2v.hf.hub import HubPush
 from flax_gpt2v.hf.keymap import num_params as count_params
 from flax_gpt2v.models import build_model, variant_of
-from flax_gpt2v.training import harness, original_experiments, pretrained, run_guard, sharding
+from flax_gpt2v.training import cluster, harness, original_experiments, pretrained, run_guard, sharding
 from flax_gpt2v.training.options import (DATA_KEYS, IGNORED_KEYS, TrainOptions, fit_to_tokenizer,
                                          load_run_config)
 from flax_gpt2v.training.run_checkpoints import RunCheckpoints
@@ -58,7 +58,8 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
 
     notes = []
     model_raw, model_cfg, opts, train_keys = load_run_config(config, overrides, notes)
-    init_distributed(opts)
+    # Every process says where it stands in a multi-host run; later lines come from process 0 only.
+    cluster.initialize(opts.distributed, opts.distributed_timeout, log or tqdm.write)
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
     lock = run_guard.RunLock(opts.output_dir)
@@ -422,22 +423,6 @@ class Run:
         self.log(f"done: step {final_step}, {tps}{mfu}; model in {self.opts.output_dir}")
         self.log(what_was_trained(self.model_cfg, self.num_params, final_step, self.prepared, self.last_eval))
         return summary
-
-
-def init_distributed(opts: TrainOptions) -> None:
-    """Join a multi-host run when the config or the JAX_COORDINATOR_ADDRESS environment asks."""
-    dist = dict(opts.distributed or {})
-    env = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-           "process_id": "JAX_PROCESS_ID"}
-    for key, var in env.items():
-        if key not in dist and var in os.environ:
-            dist[key] = os.environ[var] if key == "coordinator_address" else int(os.environ[var])
-    if not dist:
-        return
-    unknown = set(dist) - set(env)
-    if unknown:
-        raise ConfigError(f"config key 'distributed.{sorted(unknown)[0]}': unknown; expected {', '.join(env)}")
-    jax.distributed.initialize(**dist)
 
 
 def _take_lock(lock: run_guard.RunLock, opts: TrainOptions, log) -> None:

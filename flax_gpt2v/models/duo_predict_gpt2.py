@@ -2,7 +2,8 @@
 
 Differs from GPT-2 only in `layout`. With `interleaved=True` the input is
 x0, M, x1, M, ..., x_{L-1} (see `ops.interleave`): index 2m and 2m+1 share position m
-and attention follows `ops.duo_mask`. With plain input (the default, and generation) it
+and attention follows `ops.duo_mask`, over a length padded to a multiple of
+`ops.DUO_LENGTH_MULTIPLE` with slots nothing sees. With plain input (the default, and generation) it
 is an ordinary causal LM over real tokens. The layout is an explicit argument, never
 guessed from the length as the original did.
 """
@@ -21,7 +22,8 @@ class DuoPredictGPT2LMHeadModel(GPT2LMHeadModel):
             return jnp.arange(length) + cache_index, None
         if not isinstance(cache_index, int) or cache_index != 0:
             raise ValueError("the interleaved layout is for whole sequences; decode with a cache in the plain layout")
-        return ops.duo_positions(length), ops.duo_mask(length)
+        padded = ops.duo_padded_length(length)
+        return ops.duo_positions(padded, length), ops.duo_mask(padded, length)
 
 
 def _check(cfg: dict) -> None:

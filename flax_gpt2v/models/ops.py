@@ -24,16 +24,29 @@ def causal_mask(q_positions, k_positions):
     return k_positions[None, :] <= q_positions[:, None]
 
 
-def duo_positions(length: int):
-    """Interleaved layout x0, M, x1, M, ...: index 2m and 2m+1 both use position m."""
-    return jnp.arange(length) // 2
+# The interleaved layout's length is padded to a multiple of this (2L - 1 = 1023 rows per sequence do not
+# compile for the H100 with Triton gemms, and cuDNN trains masked attention on even lengths only); the
+# padding slots are seen by no other position and their outputs are dropped.
+DUO_LENGTH_MULTIPLE = 8
 
 
-def duo_mask(length: int):
+def duo_padded_length(length: int) -> int:
+    return -(-length // DUO_LENGTH_MULTIPLE) * DUO_LENGTH_MULTIPLE
+
+
+def duo_positions(length: int, seen: int | None = None):
+    """Interleaved layout x0, M, x1, M, ...: index 2m and 2m+1 both use position m; padding slots
+    (from index `seen` on) use position 0, so that they never index past the position table."""
+    index = jnp.arange(length)
+    return jnp.where(index < (length if seen is None else seen), index // 2, 0)
+
+
+def duo_mask(length: int, seen: int | None = None):
     """docs/variants/duo-predict-gpt2.md attention pattern over the interleaved layout.
 
     A real token (index 2m) sees real tokens x_0..x_m. The mask after x_m (index
     2m+1) sees x_0..x_{m-1}, itself and the next real token x_{m+1}, never x_m.
+    Keys from index `seen` on (padding) are seen by no query.
     """
     q = jnp.arange(length)[:, None]
     k = jnp.arange(length)[None, :]
@@ -41,27 +54,15 @@ def duo_mask(length: int):
     qm, km = q // 2, k // 2
     real_query = q_real & k_real & (km <= qm)
     mask_query = ~q_real & ((k_real & (km <= qm - 1)) | (k == q) | (k_real & (km == qm + 1)))
-    return real_query | mask_query
+    return (real_query | mask_query) & (k < (length if seen is None else seen))
 
 
-def fused_attention(q, k, v, mask, implementation: str, pad_odd: bool | None = None):
+def fused_attention(q, k, v, mask, implementation: str):
     """softmax(q k^T / sqrt(Dh)) v with `jax.nn.dot_product_attention`; q [B, T, H, Dh],
-    k, v [B, S, H, Dh], mask [T, S] or None for causal (T == S).
-
-    cuDNN trains with a mask only on even lengths (duo-predict's 2L - 1 is odd), so an odd
-    masked self-attention gets one extra slot that nothing sees and whose output is dropped
-    (`pad_odd`, by default only for cuDNN).
-    """
+    k, v [B, S, H, Dh], mask [T, S] or None for causal (T == S)."""
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    if pad_odd is None:
-        pad_odd = implementation == "cudnn"
-    odd = pad_odd and q.shape[1] == k.shape[1] and q.shape[1] % 2 == 1
-    if odd:
-        q, k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v))
-        mask = jnp.pad(mask, ((0, 1), (0, 1)))
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=implementation)
-    return o[:, :-1] if odd else o
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=implementation)
 
 
 def interleave(tokens, mask_token_id: int):

@@ -29,7 +29,7 @@ from flax_gpt2v.hf.keymap import num_params as count_params
 from flax_gpt2v.models import variant_of
 from flax_gpt2v.training import sharding
 from flax_gpt2v.training.schedule import run_optimizer
-from flax_gpt2v.training.steps import flops_per_token, run_train_step
+from flax_gpt2v.training.steps import abstract_state, flops_per_token, run_train_step
 
 # --target name -> XLA's GPU target config (its specs/*.txtpb with runtime and cuDNN versions added).
 TARGETS = {"h100": Path(__file__).parent / "targets" / "h100_sxm.txtpb"}
@@ -86,6 +86,12 @@ def local_devices() -> Devices:
     return Devices(devices, devices[0].device_kind, stats.get("bytes_limit"), None)
 
 
+def peak_bytes(m) -> int:
+    """A compiled program's device memory from its memory_analysis(): arguments, temporaries and outputs; the
+    donated state comes back in the same buffers, so aliased output bytes are not extra."""
+    return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
 def input_length(model_cfg: Mapping[str, Any], block_size: int) -> int:
     """Input positions per row of a training batch of `block_size`-token blocks (2L-1 for duo-predict)."""
     inputs, _ = variant_of(model_cfg).batch(np.zeros((1, block_size), np.int32), model_cfg)
@@ -100,7 +106,7 @@ def compile_step(model_cfg: Mapping[str, Any], opts, on: Devices) -> dict:
     # The schedule's constants do not change the program: any length of run compiles the same step.
     schedule, tx = run_optimizer(opts, 0, 1)
     _, shapes, shardings, step = run_train_step(model_cfg, opts, tx, schedule, mesh, platform=on.platform)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    state = abstract_state(shapes, shardings)
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
              for k in ("input_ids", "targets")}
     start = time.perf_counter()
@@ -115,8 +121,7 @@ def compile_step(model_cfg: Mapping[str, Any], opts, on: Devices) -> dict:
         "per_device_batch": opts.per_device_train_batch_size, "global_batch": rows, "input_length": length,
         "attn_pdrop": model_cfg["attn_pdrop"],
         "remat": opts.remat_policy if opts.gradient_checkpointing else "none",
-        # Donated state comes back in the same buffers: aliased output bytes are not extra.
-        "peak_bytes": m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes,
+        "peak_bytes": peak_bytes(m),
         "argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
         "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
         "device_memory_bytes": on.memory_bytes,

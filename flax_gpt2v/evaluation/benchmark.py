@@ -204,9 +204,7 @@ class JaxSide:
         m = self.step.memory_analysis()
         if m is None:
             return None, "n/a"
-        # Donated state comes back in the same buffers: aliased output bytes are not extra.
-        used = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-        return int(used), "compiled memory_analysis (temp + arguments + outputs - aliased)"
+        return int(aot.peak_bytes(m)), "compiled memory_analysis (temp + arguments + outputs - aliased)"
 
     def info(self) -> dict:
         return {"device": self.device.device_kind, "platform": self.device.platform,

@@ -13,11 +13,16 @@ Nothing is autotuned and cost_analysis() is empty there, so it gives no times.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
+import os
 import re
+import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import jax
@@ -110,7 +115,8 @@ def compile_step(model_cfg: Mapping[str, Any], opts, on: Devices) -> dict:
     batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(mesh))
              for k in ("input_ids", "targets")}
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    with compiler_log() as log:
+        compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -129,7 +135,27 @@ def compile_step(model_cfg: Mapping[str, Any], opts, on: Devices) -> dict:
         "collectives": count_collectives(hlo),
         "num_params": num_params, "flops_per_step": flops, "flops_per_step_per_device": flops / len(on.devices),
         "compile_s": compile_s,
+        "compiler_log": log.lines,
     }
+
+
+@contextlib.contextmanager
+def compiler_log():
+    """Holds back what XLA's C++ side writes to stderr meanwhile (e.g. its rematerialization warning for a
+    step over the device's memory, which the report states as a figure), so that a refusal stays one
+    line; the lines end up in `.lines`."""
+    held = SimpleNamespace(lines=[])
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            held.lines = sink.read().decode(errors="replace").splitlines()
 
 
 # ---------------------------------------------------------------- reading the optimized HLO

@@ -120,20 +120,20 @@ def test_missing_plugins_are_named_at_jax_version(monkeypatch):
         aot.devices_for("h100", {}, 0)
 
 
-def run_check(tmp_path, *args):
+def tiny_run_config(tmp_path):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,
                                "vocab_size": 256, "block_size": 64, "per_device_train_batch_size": 4,
                                "output_dir": str(tmp_path / "run")}))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config", str(cfg), "--check",
-                           *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    return str(cfg)
 
 
-def test_check_on_this_machine_reports_and_trains_nothing(tmp_path):
-    r = run_check(tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "peak memory" in r.stdout and "attention: explicit" in r.stdout and "fits" in r.stdout
+def test_check_on_this_machine_reports_and_trains_nothing(tmp_path, capsys):
+    from flax_gpt2v.cli.train import main
+
+    assert main(["--config", tiny_run_config(tmp_path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory" in out and "attention: explicit" in out and out.endswith("fits: the run can start\n")
     assert not (tmp_path / "run").exists()
 
 
@@ -141,8 +141,10 @@ def test_check_on_this_machine_reports_and_trains_nothing(tmp_path):
 @needs_plugin
 def test_check_refuses_a_step_too_big_for_the_h100(tmp_path):
     """The tiny model's explicit attention scores at batch 4096 x 1024 positions need more than 80 GB."""
-    r = run_check(tmp_path, "--target", "h100", "--n_positions", "1024", "--block_size", "1024",
-                  "--per_device_train_batch_size", "4096")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_jax.py"), "--config", tiny_run_config(tmp_path),
+                        "--check", "--target", "h100", "--n_positions", "1024", "--block_size", "1024",
+                        "--per_device_train_batch_size", "4096"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: peak memory ")
     assert "of NVIDIA H100 80GB HBM3" in r.stderr and "try per_device_train_batch_size" in r.stderr

@@ -1,7 +1,6 @@
 """Ahead-of-time compilation (flax_gpt2v/evaluation/aot.py): the pure parts here, cheaply; the compiles for the
 H100 under the `aot` marker (they need jax-cuda12-pjrt and jax-cuda12-plugin at jax's version), the full
 recipe also under `slow`."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +11,6 @@ import pytest
 from flax_gpt2v.config import ConfigError
 from flax_gpt2v.evaluation import aot
 from flax_gpt2v.evaluation.benchmark import ALL_CONFIGS, make_workload
-from flax_gpt2v.training.options import TrainOptions
 from flax_gpt2v.training.steps import flops_per_token
 from helpers import ROOT
 
@@ -150,33 +148,42 @@ def test_check_refuses_a_step_too_big_for_the_h100(tmp_path):
     assert "of NVIDIA H100 80GB HBM3" in r.stderr and "try per_device_train_batch_size" in r.stderr
 
 
-def compile_for_h100(name, size, batch, attn_pdrop=None, seq=1024):
-    work = make_workload(name, size, seq, batch, attn_pdrop=attn_pdrop)
-    opts = dataclasses.replace(TrainOptions(), per_device_train_batch_size=batch,
-                               block_size=work.text_tokens // batch, mesh={"data": 1})
-    return work, aot.compile_step(work.cfg, opts, aot.target_devices("h100", 1))
-
-
 @pytest.mark.aot
 @needs_plugin
 @pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_every_variant_compiles_for_the_h100_with_fused_attention(name):
-    """Reduced size, no dropout: the step compiles for the H100 and its attention is cuDNN's fused kernel."""
-    work, r = compile_for_h100(name, "tiny", 2, attn_pdrop=0.0, seq=128)
-    assert r["attention"] == "cudnn" and r["device_memory_bytes"] == 84942979072
+def test_every_variant_compiles_for_the_h100_with_fused_attention(name, tmp_path, capsys):
+    """Reduced size, no dropout, through `benchmark.py --aot h100`: the step compiles for the H100, its attention
+    is cuDNN's fused kernel, and the JSON and table report it."""
+    from flax_gpt2v.evaluation.benchmark import main
+
+    output = tmp_path / "aot.json"
+    assert main(["--aot", "h100", "--config", name, "--size", "tiny", "--seq", "128", "--batch", "2",
+                 "--attn-pdrop", "0", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["command"].startswith("python benchmark.py --aot h100") and report["environment"]["jax-cuda12-pjrt"]
+    (r,) = report["results"]
+    work = make_workload(name, "tiny", 128, 2)
+    assert r["config"] == name and r["attention"] == "cudnn" and r["device_memory_bytes"] == 84942979072
     assert 0 < r["peak_bytes"] < GIB and r["collectives"] == dict.fromkeys(aot.COLLECTIVES, 0)
+    assert r["input_length"] == work.length and r["global_batch"] == 2
     assert r["flops_per_step"] == flops_per_token(work.cfg, r["num_params"], work.length) * 2 * work.length
+    assert f"| {name} | 2 | 0 |" in capsys.readouterr().out
 
 
 @pytest.mark.aot
 @pytest.mark.slow
 @needs_plugin
-@pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_original_recipe_fits_the_h100(name):
-    """gpt2-medium, seq 1024, batch 64, bf16, remat dots, attn_pdrop 0.1 as the original trained: compiles
-    (duo-predict's interleaved length too, with Triton gemms on), fits in 80 GB; explicit attention, since
-    dropout has no fused kernel."""
-    work, r = compile_for_h100(name, "gpt2-medium", 64)
-    assert work.cfg["attn_pdrop"] == 0.1
-    assert aot.fit_error(r) is None and r["peak_bytes"] < 0.8 * r["device_memory_bytes"]
-    assert r["attention"] == "explicit"
+def test_original_recipe_fits_the_h100(tmp_path):
+    """The README's command: every variant at gpt2-medium, seq 1024, batch 64, bf16, remat dots, attn_pdrop 0.1
+    as the original trained compiles (duo-predict's interleaved length too, with Triton gemms on) and fits in
+    80 GB; explicit attention, since dropout has no fused kernel."""
+    from flax_gpt2v.evaluation.benchmark import main
+
+    output = tmp_path / "aot.json"
+    assert main(["--aot", "h100", "--all", "--size", "gpt2-medium", "--seq", "1024", "--batch", "64",
+                 "--output", str(output)]) == 0
+    results = json.loads(output.read_text())["results"]
+    assert [r["config"] for r in results] == list(ALL_CONFIGS)
+    for r in results:
+        assert r["attn_pdrop"] == 0.1 and r["attention"] == "explicit", r["config"]
+        assert aot.fit_error(r) is None and r["peak_bytes"] < 0.8 * r["device_memory_bytes"], r["config"]

@@ -58,7 +58,8 @@ def attention_implementation(choice: str, dtype, platform: str | None = None) ->
                          f"got {choice!r}")
     if choice != "auto":
         return choice
-    fused = (platform or jax.default_backend()) == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fused = (platform or jax.default_backend()) == "gpu" and half
     return "cudnn" if fused else "xla"
 
 

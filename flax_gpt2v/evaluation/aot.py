@@ -33,6 +33,7 @@ from flax_gpt2v.config import ConfigError
 from flax_gpt2v.hf.keymap import num_params as count_params
 from flax_gpt2v.models import variant_of
 from flax_gpt2v.training import sharding
+from flax_gpt2v.training.options import load_run_config
 from flax_gpt2v.training.schedule import run_optimizer
 from flax_gpt2v.training.steps import abstract_state, flops_per_token, run_train_step
 
@@ -265,10 +266,7 @@ def devices_for(target: str | None, mesh: Mapping[str, int], count: int | None =
 def check_run(config, overrides: Mapping[str, Any], target: str | None, count: int | None) -> int:
     """`train_jax.py --config X --check [--target T] [--devices N]`: compile the run's step and report it;
     a step that does not fit raises ConfigError (one `error:` line). No data is read."""
-    from flax_gpt2v.training.options import load_run_config
-
-    notes: list = []
-    _, model_cfg, opts, _ = load_run_config(config, overrides, notes)
+    _, model_cfg, opts, _ = load_run_config(config, overrides)
     report = compile_step(model_cfg, opts, devices_for(target, opts.mesh, count))
     print("\n".join(summary_lines(opts.run_name or str(config), report)), flush=True)
     problem = fit_error(report)

@@ -1,6 +1,6 @@
 """`pip install .` gives a working package: installed outside the checkout, used from another directory,
-it imports, builds, saves and exports a model (the twins' sources come with it) and its console
-scripts run."""
+it imports, builds, saves and exports a model (the twins' sources and the GPU targets come with it) and its
+console scripts run."""
 import os
 import shutil
 import subprocess
@@ -14,7 +14,9 @@ USE = """
 import json, os, sys
 import flax_gpt2v as fg
 from flax_gpt2v.hf import checkpoint
+from flax_gpt2v.evaluation import aot
 assert os.path.dirname(fg.__file__).startswith(sys.argv[1]), fg.__file__
+assert all(path.is_file() for path in aot.TARGETS.values())
 lm = fg.init({"model_type": "dd-gpt2", "n_layer": 2, "n_embd": 32, "n_head": 4, "n_positions": 16, "vocab_size": 64})
 lm.save("native")
 checkpoint.export_hf("native", "hf")

@@ -1,5 +1,9 @@
 """Train a model: `python train_jax.py --config configs/X.json [--key value ...]` (`flax-gpt2v-train`).
 
+`--check [--target h100] [--devices N]` compiles the run's train step (for N devices of the target, which
+need not be here: the mesh's by default) and reports its peak memory, attention kernel, collectives and
+FLOPs; a step that does not fit is refused in one line. Nothing is trained, no data is read.
+
 Any config key can be overridden (`--max_steps 40`, `--output_dir runs/demo`,
 `--mesh.fsdp 4`); values are parsed as JSON when possible, and `--key null`
 removes a key (its default applies). Rerunning with the
@@ -32,7 +36,13 @@ def _main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         return 0
+    check = "--check" in argv
+    argv = [a for a in argv if a != "--check"]
     config, overrides = parse_cli(argv)
+    if check:
+        from flax_gpt2v.evaluation.aot import check_run
+        target, count = overrides.pop("target", None), overrides.pop("devices", None)
+        return check_run(config, overrides, target, count)
     try:
         train(config, overrides)
     except RunStopped as e:  # a signal (128 + its number) or divergence (3): the run can be resumed

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2v import durable
-from flax_gpt2v.evaluation import profiling
+from flax_gpt2v.evaluation import aot, profiling
 from flax_gpt2v.training import sharding
 from flax_gpt2v.training.options import TrainOptions
 from flax_gpt2v.training.steps import (eval_loop, flops_per_token, init_state, jit_train_step, make_eval_step,
@@ -205,9 +205,7 @@ class JaxSide:
         m = self.step.memory_analysis()
         if m is None:
             return None, "n/a"
-        # Donated state comes back in the same buffers: aliased output bytes are not extra.
-        used = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-        return int(used), "compiled memory_analysis (temp + arguments + outputs - aliased)"
+        return int(aot.peak_bytes(m)), "compiled memory_analysis (temp + arguments + outputs - aliased)"
 
     def info(self) -> dict:
         return {"device": self.device.device_kind, "platform": self.device.platform,
@@ -559,8 +557,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"after the timed rounds, profile --steps train steps per side into DIR/<variant>/<side> "
                         f"and list the top {PROFILE_TOP} ops by self time")
     p.add_argument("--seed", type=int, default=0, help="init and data seed")
+    p.add_argument("--aot", choices=aot.TARGETS, metavar="TARGET",
+                   help=f"instead of running: compile the trainer's step for one {'/'.join(aot.TARGETS)} without "
+                        "it and report memory, attention kernel, collectives, FLOPs (evaluation/aot.py)")
     p.add_argument("--output", type=Path,
-                   help="results JSON, written atomically (None: benchmarks/<device>-<date>.json)")
+                   help="results JSON, written atomically (None: benchmarks/<device>-<date>.json, "
+                        "with --aot benchmarks/aot-<target>-<date>.json)")
     return p.parse_args(argv)
 
 
@@ -574,6 +576,8 @@ def _main(argv: list[str] | None) -> int:
     # Every config is checked before anything runs.
     works = [make_workload(name, args.size, args.seq, args.batch, args.seed, args.layers, args.attn_pdrop)
              for name in (ALL_CONFIGS if args.all else args.config)]
+    if args.aot:
+        return compile_ahead(works, args, argv)
     env = environment()
     now = datetime.datetime.now().astimezone()
     output = args.output or default_output(env["jax_device"] if not args.torch_only else env["torch_device"],
@@ -595,5 +599,28 @@ def _main(argv: list[str] | None) -> int:
             print(f"{profile_tables(result)}\n", flush=True)
     if len(works) > 1:
         print(markdown_table(report["results"]))
+    log(f"results written to {output}")
+    return 0
+
+
+def compile_ahead(works: list[Workload], args, argv: list[str]) -> int:
+    """--aot TARGET: each config's train step compiled for one TARGET device (the trainer's options from the
+    flags), reported and written to JSON; nothing runs."""
+    on = aot.target_devices(args.aot, 1)
+    now = datetime.datetime.now().astimezone()
+    output = args.output or default_output(f"aot-{args.aot}", now.strftime("%Y-%m-%d"))
+    report = {"date": now.isoformat(timespec="seconds"), "command": shlex.join(["python", "benchmark.py", *argv]),
+              "target": args.aot, "environment": aot.environment(), "results": []}
+    for work in works:
+        opts = dataclasses.replace(
+            TrainOptions(), per_device_train_batch_size=args.batch, block_size=work.text_tokens // args.batch,
+            bf16=args.dtype == "bf16", gradient_checkpointing=args.remat, remat_policy=args.jax_remat_policy,
+            scan_layers=args.jax_scan, attention_implementation=args.jax_attention, mesh={"data": 1}, seed=args.seed)
+        log(f"[{work.name}] compiling the train step for {on.name}")
+        result = {"config": work.name, **aot.compile_step(work.cfg, opts, on)}
+        report["results"].append(result)
+        write_json_atomically(output, report)  # after every config: a late failure keeps the earlier ones
+        print("\n".join(aot.summary_lines(work.name, result)), flush=True)
+    print(f"\n{aot.markdown_table(report['results'])}")
     log(f"results written to {output}")
     return 0

@@ -51,30 +51,33 @@ def load_config(src: Mapping[str, Any] | str | os.PathLike) -> dict:
     return split_config(src)[0]
 
 
-def attention_implementation(choice: str, dtype) -> str:
-    """"auto" -> cuDNN's fused attention on a GPU in bf16/fp16 (the only dtypes it takes), else XLA."""
+def attention_implementation(choice: str, dtype, platform: str | None = None) -> str:
+    """"auto" -> cuDNN's fused attention on a GPU in bf16/fp16 (the only dtypes it takes), else XLA.
+    `platform`: the backend compiled for ("gpu" for a GPU that is not here); None: JAX's default backend."""
     if choice not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
                          f"got {choice!r}")
     if choice != "auto":
         return choice
-    fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fused = (platform or jax.default_backend()) == "gpu" and half
     return "cudnn" if fused else "xla"
 
 
-def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, attention: str = "auto"):
+def build_model(cfg: dict, dtype=None, remat: str = "none", scan: bool = True, attention: str = "auto",
+                platform: str | None = None):
     """The Flax module for a validated config.
 
     dtype: compute dtype (params stay fp32); remat: "none", "full" or "dots" (see
     gpt2.REMAT_POLICIES); scan: layers as one lax.scan (the layer compiled once);
     attention: "auto", "xla", "cudnn" or "flash" (models/flash_attention.py; opt-in: "auto" never
-    picks it).
+    picks it); "auto" is decided for `platform` (attention_implementation).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     dtype = dtype or jnp.float32
     return variant_of(cfg).lm_class(cfg, dtype=dtype, remat=remat, scan=scan,
-                                    attention_implementation=attention_implementation(attention, dtype))
+                                    attention_implementation=attention_implementation(attention, dtype, platform))
 
 
 def _boxed_params(module, key):

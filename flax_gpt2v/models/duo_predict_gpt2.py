@@ -2,10 +2,13 @@
 
 Differs from GPT-2 only in `layout`. With `interleaved=True` the input is
 x0, M, x1, M, ..., x_{L-1} (see `ops.interleave`): index 2m and 2m+1 share position m
-and attention follows `ops.DUO` (`ops.duo_allowed`). With plain input (the default, and generation) it
+and attention follows `ops.DUO` (`ops.duo_allowed`), over a length padded to a multiple of
+`ops.DUO_LENGTH_MULTIPLE` with slots nothing sees. With plain input (the default, and generation) it
 is an ordinary causal LM over real tokens. The layout is an explicit argument, never
 guessed from the length as the original did.
 """
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,7 +24,8 @@ class DuoPredictGPT2LMHeadModel(GPT2LMHeadModel):
             return jnp.arange(length) + cache_index, None
         if not isinstance(cache_index, int) or cache_index != 0:
             raise ValueError("the interleaved layout is for whole sequences; decode with a cache in the plain layout")
-        return ops.duo_positions(length), ops.DUO
+        padded = ops.duo_padded_length(length)
+        return ops.duo_positions(padded, length), dataclasses.replace(ops.DUO, seen=length)
 
 
 def _check(cfg: dict) -> None:

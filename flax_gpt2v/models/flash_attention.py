@@ -128,7 +128,7 @@ def _tile(st: _Static, seed, batch, head, rows, cols, q, k):
     """Scores of one tile, masked [len(rows), len(cols)] fp32; and the dropout factor of each
     probability (0 or 1 / (1 - rate)), or None without dropout."""
     s = pl.dot(q, k, trans_b=True) * st.scale
-    allowed = st.pattern.allowed(rows, cols) & (cols < st.length)[None, :]
+    allowed = st.pattern.visible(rows, cols) & (cols < st.length)[None, :]
     s = jnp.where(allowed, s, MASK_VALUE)
     if not st.rate:
         return s, None

@@ -282,7 +282,9 @@ class GPT2LMHeadModel(nn.Module):
     transformer_cls = Transformer
 
     def layout(self, length: int, interleaved: bool, cache_index):
-        """Hook: (positions [T], mask: None for causal, or an ops.MaskPattern) of the input."""
+        """Hook: (positions [P], mask: None for causal, or an ops.MaskPattern) of an input of `length`
+        positions; P > length adds padding slots after the input (for shapes the GPU tiles), which the
+        pattern hides from every position (its `seen`)."""
         if interleaved:
             raise ValueError(f"{self.cfg['model_type']} has no interleaved layout")
         return jnp.arange(length) + cache_index, None
@@ -292,10 +294,13 @@ class GPT2LMHeadModel(nn.Module):
                  cache: Cache = None, cache_index=0, return_hidden: bool = False):
         """`return_hidden` gives the final hidden states [B, T, d] (compute dtype) instead of
         logits, for losses that apply the head chunk by chunk (`ops.chunked_cross_entropy`)."""
-        positions, mask = self.layout(input_ids.shape[1], interleaved, cache_index)
+        length = input_ids.shape[1]
+        positions, mask = self.layout(length, interleaved, cache_index)
+        input_ids = jnp.pad(input_ids, ((0, 0), (0, positions.shape[0] - length)))
         transformer = self.transformer_cls(self.cfg, self.attention_cls, self.dtype, self.remat, self.scan,
                                            self.attention_implementation, name="transformer")
         hidden, cache = transformer(input_ids, positions, mask, cache, cache_index, deterministic)
+        hidden = hidden[:, :length]
         out = hidden if return_hidden else transformer.head(hidden)
         return out if cache is None else (out, cache)
 

@@ -26,9 +26,21 @@ def causal_mask(q_positions, k_positions):
     return k_positions[None, :] <= q_positions[:, None]
 
 
-def duo_positions(length: int):
-    """Interleaved layout x0, M, x1, M, ...: index 2m and 2m+1 both use position m."""
-    return jnp.arange(length) // 2
+# The interleaved layout's length is padded to a multiple of this (2L - 1 = 1023 rows per sequence do not
+# compile for the H100 with Triton gemms, and cuDNN trains masked attention on even lengths only); the
+# padding slots are seen by no other position and their outputs are dropped.
+DUO_LENGTH_MULTIPLE = 8
+
+
+def duo_padded_length(length: int) -> int:
+    return -(-length // DUO_LENGTH_MULTIPLE) * DUO_LENGTH_MULTIPLE
+
+
+def duo_positions(length: int, seen: int | None = None):
+    """Interleaved layout x0, M, x1, M, ...: index 2m and 2m+1 both use position m; padding slots
+    (from index `seen` on) use position 0, so that they never index past the position table."""
+    index = jnp.arange(length)
+    return jnp.where(index < (length if seen is None else seen), index // 2, 0)
 
 
 def duo_allowed(q_index, k_index):
@@ -46,25 +58,27 @@ def duo_allowed(q_index, k_index):
     return real_query | mask_query
 
 
-def duo_mask(length: int):
-    """`duo_allowed` over a whole interleaved sequence: [length, length]."""
-    return duo_allowed(jnp.arange(length), jnp.arange(length))
-
-
 @dataclasses.dataclass(frozen=True)
 class MaskPattern:
     """A self-attention mask as a function of indices, so that a blockwise kernel computes each tile
     of it where it needs it (models/flash_attention.py) instead of reading a [T, T] array.
 
     `allowed(q_index [Tq], k_index [Tk]) -> bool [Tq, Tk]`; `reach`: no query q sees a key beyond
-    index q + reach (the tiles a kernel may skip).
+    index q + reach (the tiles a kernel may skip); `seen`: keys from this index on are padding that no
+    query sees (None: no padding).
     """
     allowed: Callable
     reach: int
+    seen: int | None = None
+
+    def visible(self, q_index, k_index):
+        """`allowed`, less the padding keys: bool [Tq, Tk]."""
+        mask = self.allowed(q_index, k_index)
+        return mask if self.seen is None else mask & (k_index < self.seen)[None, :]
 
     def matrix(self, length: int):
         """The mask [length, length] of a whole sequence."""
-        return self.allowed(jnp.arange(length), jnp.arange(length))
+        return self.visible(jnp.arange(length), jnp.arange(length))
 
 
 CAUSAL = MaskPattern(causal_mask, reach=0)
@@ -72,24 +86,18 @@ CAUSAL = MaskPattern(causal_mask, reach=0)
 DUO = MaskPattern(duo_allowed, reach=1)
 
 
-def fused_attention(q, k, v, mask, implementation: str, pad_odd: bool | None = None):
-    """softmax(q k^T / sqrt(Dh)) v with `jax.nn.dot_product_attention`; q [B, T, H, Dh],
-    k, v [B, S, H, Dh], mask [T, S] or None for causal (T == S).
+def duo_mask(length: int, seen: int | None = None):
+    """`duo_allowed` over a whole interleaved sequence: [length, length]; keys from index `seen` on
+    (padding) are seen by no query."""
+    return dataclasses.replace(DUO, seen=seen).matrix(length)
 
-    cuDNN trains with a mask only on even lengths (duo-predict's 2L - 1 is odd), so an odd
-    masked self-attention gets one extra slot that nothing sees and whose output is dropped
-    (`pad_odd`, by default only for cuDNN).
-    """
+
+def fused_attention(q, k, v, mask, implementation: str):
+    """softmax(q k^T / sqrt(Dh)) v with `jax.nn.dot_product_attention`; q [B, T, H, Dh],
+    k, v [B, S, H, Dh], mask [T, S] or None for causal (T == S)."""
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    if pad_odd is None:
-        pad_odd = implementation == "cudnn"
-    odd = pad_odd and q.shape[1] == k.shape[1] and q.shape[1] % 2 == 1
-    if odd:
-        q, k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v))
-        mask = jnp.pad(mask, ((0, 1), (0, 1)))
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=implementation)
-    return o[:, :-1] if odd else o
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=implementation)
 
 
 def interleave(tokens, mask_token_id: int):

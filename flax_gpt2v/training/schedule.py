@@ -46,3 +46,10 @@ def adamw(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def run_optimizer(opts, warmup: int, total: int):
+    """(schedule, AdamW) of a run's options (training.options.TrainOptions) over `total` steps."""
+    schedule = lr_schedule(opts.lr_scheduler_type, opts.learning_rate, warmup, total)
+    return schedule, adamw(schedule, opts.weight_decay, opts.adam_beta1, opts.adam_beta2, opts.adam_epsilon,
+                           opts.max_grad_norm)

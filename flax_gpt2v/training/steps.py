@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flax_gpt2v.models import init_params, ops, param_axes
+from flax_gpt2v.models import build_model, init_params, ops, param_axes, variant_of
 from flax_gpt2v.training import sharding
 
 # Tokens per device whose fp32 logits exist at once in the loss (8192 x 50k x 4 B = 1.6 GB).
@@ -163,23 +163,45 @@ def eval_metrics(sums: Mapping[str, np.ndarray]) -> dict:
 
 # ---------------------------------------------------------------- state
 
-def init_state(module, tx, mesh, seed: int):
-    """(state, state shardings): fp32 parameters initialised like `flax_gpt2v.init(cfg, seed)`,
-    created directly in their shards."""
+def _create_state(module, tx):
     def create(key):
         params = init_params(module, key)
         # bad_steps: non-finite steps in a row up to this one; skipped_steps: all of them.
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                 "bad_steps": jnp.zeros((), jnp.int32), "skipped_steps": jnp.zeros((), jnp.int32)}
+    return create
 
-    shapes = jax.eval_shape(create, jax.random.PRNGKey(seed))
+
+def state_layout(module, tx, mesh, seed: int):
+    """(state shapes, state shardings) of `init_state`'s state, without creating it."""
+    shapes = jax.eval_shape(_create_state(module, tx), jax.random.PRNGKey(seed))
     axes = param_axes(module)
     shardings = {"step": sharding.replicated(mesh), "bad_steps": sharding.replicated(mesh),
                  "skipped_steps": sharding.replicated(mesh),
                  "params": sharding.tree_shardings(shapes["params"], axes, mesh),
                  "opt_state": sharding.tree_shardings(shapes["opt_state"], axes, mesh, optimizer=True)}
-    state = jax.jit(create, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return shapes, shardings
+
+
+def init_state(module, tx, mesh, seed: int):
+    """(state, state shardings): fp32 parameters initialised like `flax_gpt2v.init(cfg, seed)`,
+    created directly in their shards."""
+    shardings = state_layout(module, tx, mesh, seed)[1]
+    state = jax.jit(_create_state(module, tx), out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
+
+
+def run_train_step(model_cfg, opts, tx, schedule, mesh, platform: str | None = None):
+    """A run's train step as its options (training.options.TrainOptions) make it: (compute module, state
+    shapes, state shardings, jitted step). The trainer trains with it; `train_jax.py --check` compiles
+    it, `platform` ("gpu") deciding the attention kernel for a GPU that is not here."""
+    module = build_model(model_cfg, dtype=jnp.bfloat16 if opts.bf16 else jnp.float32,
+                         remat=opts.remat_policy if opts.gradient_checkpointing else "none",
+                         scan=opts.scan_layers, attention=opts.attention_implementation, platform=platform)
+    shapes, shardings = state_layout(build_model(model_cfg), tx, mesh, opts.seed)
+    step = jit_train_step(module, tx, schedule, mesh, shardings, accum=opts.gradient_accumulation_steps,
+                          seed=opts.seed, interleaved=variant_of(model_cfg).interleaved)
+    return module, shapes, shardings, step
 
 
 def abstract_state(state, shardings):

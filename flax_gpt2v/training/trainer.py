@@ -26,7 +26,6 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError
@@ -42,9 +41,9 @@ from flax_gpt2v.training.run_checkpoints import RunCheckpoints
 from flax_gpt2v.training.run_files import (CHECKPOINTS, RUN_CONFIG, SUMMARY, MetricsLog, check_output_dir,
                                            check_same_tokens, record_changes, save_final, strict_json,
                                            what_was_trained)
-from flax_gpt2v.training.schedule import adamw, lr_schedule
+from flax_gpt2v.training.schedule import run_optimizer
 from flax_gpt2v.training.steps import (abstract_state, eval_loop, eval_metrics, flops_per_token, global_batch,
-                                       host_params, init_state, jit_eval_step, jit_train_step, peak_flops)
+                                       host_params, init_state, jit_eval_step, peak_flops, run_train_step)
 
 
 def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
@@ -188,22 +187,15 @@ class Run:
             raise ConfigError(f"config key 'warmup_steps': {opts.warmup_steps} is longer than the run "
                               f"({self.total} steps)")
         self.warmup = opts.warmup_steps if opts.warmup_steps > 0 else math.ceil(opts.warmup_ratio * self.total)
-        self.schedule = lr_schedule(opts.lr_scheduler_type, opts.learning_rate, self.warmup, self.total)
-        self.tx = adamw(self.schedule, opts.weight_decay, opts.adam_beta1, opts.adam_beta2, opts.adam_epsilon,
-                        opts.max_grad_norm)
+        self.schedule, self.tx = run_optimizer(opts, self.warmup, self.total)
 
     def _setup_model(self) -> None:
         opts, cfg = self.opts, self.model_cfg
-        interleaved = variant_of(cfg).interleaved
-        module = build_model(cfg, dtype=jnp.bfloat16 if opts.bf16 else jnp.float32,
-                             remat=opts.remat_policy if opts.gradient_checkpointing else "none",
-                             scan=opts.scan_layers, attention=opts.attention_implementation)
+        module, _, _, self.train_step = run_train_step(cfg, opts, self.tx, self.schedule, self.mesh)
         self.state, self.state_shardings = init_state(build_model(cfg), self.tx, self.mesh, opts.seed)
         self.num_params = count_params(cfg)
-        self.train_step = jit_train_step(module, self.tx, self.schedule, self.mesh, self.state_shardings,
-                                         accum=opts.gradient_accumulation_steps, seed=opts.seed,
-                                         interleaved=interleaved)
-        self.eval_step = jit_eval_step(module, self.mesh, self.state_shardings["params"], interleaved=interleaved)
+        self.eval_step = jit_eval_step(module, self.mesh, self.state_shardings["params"],
+                                       interleaved=variant_of(cfg).interleaved)
         self.eval_module = module
 
     def _setup_harness(self) -> None:

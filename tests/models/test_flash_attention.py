@@ -3,7 +3,6 @@ its dropout hash against MurmurHash3, its output and every gradient against the 
 same dropout mask, inside a model against the explicit attention path, and its lowering for a GPU.
 
 Shapes are tiny (the interpreter is slow): T = 37 is not a whole number of any block, Dh = 8 is padded."""
-import os
 import re
 import struct
 
@@ -15,11 +14,11 @@ import pytest
 
 import flax_gpt2v as fg
 from flax_gpt2v.models import build_model, ops
+from flax_gpt2v.evaluation import aot
 from flax_gpt2v.models import flash_attention as fa
-from helpers import BF16_SCALE_TOL, FP32_TOL, TESTS, perturbed_lm, random_ids
+from helpers import BF16_SCALE_TOL, FP32_TOL, perturbed_lm, random_ids
 
 # XLA's H100 target for compiling without one (its README says where it comes from).
-H100_TARGET = os.path.join(TESTS, "fixtures", "gpu-targets", "h100_sxm.txtpb")
 
 # Chosen once for the kernel against the formula in fp32: both sum the same terms in another order.
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -140,15 +139,13 @@ def test_lowers_to_triton_for_a_gpu_without_the_scores():
     assert not re.search(r"102[34]x102[34]", text)
 
 
+@pytest.mark.aot
+@pytest.mark.skipif(bool(aot.missing_plugins()), reason="deviceless compilation needs " + ", ".join(aot.missing_plugins()))
 def test_compiles_for_an_h100_in_memory_linear_in_t():
-    """Deviceless ahead-of-time compilation for an H100 (needs jax-cuda12-pjrt at jax's version): the
-    Triton kernels compile for the target (shared memory included) at gpt2-medium's shapes (batch 16,
-    16 heads, Dh 64, bf16, dropout 0.1), and the gradient's temporaries grow linearly in T."""
-    pytest.importorskip("jax_plugins.xla_cuda12")
-    from jax.experimental import topologies
-    with open(H100_TARGET) as f:
-        h100 = topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology="1x1x1").devices[0]
-    on_h100 = jax.sharding.SingleDeviceSharding(h100)
+    """Deviceless ahead-of-time compilation for an H100 (evaluation/aot.py's target): the Triton kernels
+    compile for the target (shared memory included) at gpt2-medium's shapes (batch 16, 16 heads, Dh 64,
+    bf16, dropout 0.1), and the gradient's temporaries grow linearly in T."""
+    on_h100 = jax.sharding.SingleDeviceSharding(aot.target_devices("h100", 1).devices[0])
 
     def temporaries(t):
         x = jax.ShapeDtypeStruct((16, t, 16, 64), jnp.bfloat16, sharding=on_h100)

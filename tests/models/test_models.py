@@ -77,7 +77,8 @@ def input_jacobian_support(lm, ids, interleaved=False):
         def add_delta(next_fn, args, kwargs, context):
             out = next_fn(*args, **kwargs)
             if context.module.name == "wte" and context.method_name == "__call__":
-                out = out + delta
+                # The model may pad its input (duo-predict's layout): padding slots get no perturbation.
+                out = out + jnp.pad(delta, ((0, out.shape[1] - t), (0, 0)))
             return out
         with nn.intercept_methods(add_delta):
             logits = lm.module.apply({"params": lm.params}, jnp.asarray(ids), interleaved=interleaved)

@@ -57,6 +57,18 @@ def test_mask_patterns_reach(n_real):
 
 def test_duo_positions():
     assert ops.duo_positions(7).tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert ops.duo_positions(8, seen=7).tolist() == [0, 0, 1, 1, 2, 2, 3, 0]
+
+
+@pytest.mark.parametrize("n_real", [1, 4, 5, 512])
+def test_duo_padding_slots_are_unseen(n_real):
+    """The padded layout (a multiple of 8) is the unpadded one plus keys no query sees."""
+    length = 2 * n_real - 1
+    padded = ops.duo_padded_length(length)
+    assert padded % ops.DUO_LENGTH_MULTIPLE == 0 and 0 < padded - length <= ops.DUO_LENGTH_MULTIPLE
+    mask = np.asarray(ops.duo_mask(padded, seen=length))
+    np.testing.assert_array_equal(mask[:length, :length], ops.duo_mask(length))
+    assert not mask[:, length:].any()
 
 
 def test_interleave_and_duo_targets():
@@ -99,8 +111,7 @@ def test_cross_entropy_sums():
 
 @pytest.mark.parametrize("t", [5, 6])
 def test_fused_attention_is_explicit_attention(t):
-    """Causal and masked (duo) paths, with and without cuDNN's even-length padding, equal the
-    textbook formula."""
+    """Causal and masked (duo) paths equal the textbook formula."""
     rng = np.random.default_rng(t)
     q, k, v = (jnp.asarray(rng.standard_normal((2, t, 3, 8)), jnp.float32) for _ in range(3))
 
@@ -111,9 +122,7 @@ def test_fused_attention_is_explicit_attention(t):
     causal = ops.causal_mask(jnp.arange(t), jnp.arange(t))
     np.testing.assert_allclose(ops.fused_attention(q, k, v, None, "xla"), explicit(causal), rtol=1e-5, atol=1e-6)
     duo = ops.duo_mask(t)
-    for pad_odd in (False, True):
-        np.testing.assert_allclose(ops.fused_attention(q, k, v, duo, "xla", pad_odd=pad_odd), explicit(duo),
-                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ops.fused_attention(q, k, v, duo, "xla"), explicit(duo), rtol=1e-5, atol=1e-6)
 
 
 def test_tied_logits_trims_padding_and_accumulates_in_fp32():

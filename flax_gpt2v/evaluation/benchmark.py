@@ -619,7 +619,7 @@ def compile_ahead(works: list[Workload], args, argv: list[str]) -> int:
         log(f"[{work.name}] compiling the train step for {on.name}")
         result = {"config": work.name, **aot.compile_step(work.cfg, opts, on)}
         report["results"].append(result)
-        write_json_atomically(output, report)  # after every config: a late failure keeps the earlier ones
+        durable.write_json(output, report, indent=2)  # after every config: a late failure keeps the earlier ones
         print("\n".join(aot.summary_lines(work.name, result)), flush=True)
     print(f"\n{aot.markdown_table(report['results'])}")
     log(f"results written to {output}")

@@ -137,11 +137,20 @@ def what_was_trained(model_cfg: dict, num_params: int, steps: int, prepared, las
     return line + f" - per token of the {tokenizer} tokenizer, not comparable with GPT-2's perplexities"
 
 
+def remove_partial_writes(out: str, log) -> None:
+    """Remove what a run killed while writing best/, the final model or hf/ left: each is written whole
+    in a `.<name>.partial-<id>` directory (hf/checkpoint.py, save_final) that then moves into place."""
+    for name in sorted(os.listdir(out)):
+        if name.startswith(".") and ".partial-" in name:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            log(f"removed {os.path.join(out, name)}, left by a run stopped while writing it")
+
+
 def save_final(opts: TrainOptions, model_cfg: dict, params, log) -> None:
     """Native checkpoint in output_dir itself (beside checkpoints/, best/, ...), then the HF export."""
     out = opts.output_dir
     # save_native replaces a whole directory, so it writes a staging one whose files move in.
-    staging = os.path.join(out, f".final-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(out, f".final.partial-{uuid.uuid4().hex[:8]}")
     checkpoint.save_native(staging, model_cfg, params)
     for name in os.listdir(staging):
         os.replace(os.path.join(staging, name), os.path.join(out, name))

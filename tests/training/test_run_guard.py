@@ -157,6 +157,79 @@ def test_a_second_sigint_exits_at_once(tmp_path):
     assert err.strip().splitlines()[-1].startswith("stopped by")
 
 
+# A signal from inside JAX's tracing of the model's initialisation, right after the lock was taken: the
+# moment whose exception once came out of XLA's compile and segfaulted at exit (status 139).
+SIGNAL_WHILE_TRACING = """
+import os, signal, time
+from flax_gpt2v.training import steps
+init_params = steps.init_params
+def signalling_init_params(module, key):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # still tracing when the signal is handled
+    return init_params(module, key)
+steps.init_params = signalling_init_params
+"""
+
+
+def assert_one_line_exit(proc, status, line):
+    _, err = proc.communicate()
+    assert proc.returncode == status, err[-3000:]
+    for noise in ("Traceback", "Exception ignored", "Fatal Python error"):
+        assert noise not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == line, err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_signal_while_compiling_exits_at_once_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = start_cli(tmp_path, out, hook=SIGNAL_WHILE_TRACING)
+    assert_one_line_exit(proc, 128 + signal.SIGTERM, "stopped by SIGTERM before training; run the same command to "
+                                                     "resume")
+    assert not (out / ".lock").exists()  # released: the next run takes no notice of a dead holder
+
+
+# The final files of a finished training, each interrupted: a SIGTERM while the native model is written
+# (exits at once: all is checkpointed), then a SIGKILL while hf/ is written on the rerun that finishes them.
+SIGNAL_IN_FINAL_WRITE = """
+import os, signal, time
+import safetensors.numpy, safetensors.torch
+def interrupted(save_file, sig):
+    def save(tensors, path, **kw):
+        save_file(tensors, path, **kw)
+        if not os.path.basename(os.path.dirname(path)).startswith(".best"):
+            os.kill(os.getpid(), sig)
+            time.sleep(60)
+    return save
+safetensors.{module}.save_file = interrupted(safetensors.{module}.save_file, signal.{sig})
+"""
+
+
+@pytest.mark.slow
+def test_a_run_stopped_while_writing_its_final_files_finishes_them_on_the_rerun(tmp_path):
+    out = tmp_path / "run"
+    opts = dict(max_steps=4, save_steps=2, eval_steps=4, logging_steps=1, warmup_steps=1, export_hf=True)
+    proc = start_cli(tmp_path, out, hook=SIGNAL_IN_FINAL_WRITE.format(module="numpy", sig="SIGTERM"), **opts)
+    assert_one_line_exit(proc, 128 + signal.SIGTERM, "stopped by SIGTERM while writing the final model, export and "
+                         "summary (training is complete and checkpointed); run the same command to write them")
+    assert not (out / "summary.json").exists() and not (out / ".lock").exists()
+    proc = start_cli(tmp_path, out, hook=SIGNAL_IN_FINAL_WRITE.format(module="torch", sig="SIGKILL"), **opts)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    partial = [p.name for p in out.iterdir() if ".partial-" in p.name]
+    assert partial and not (out / "hf").exists() and not (out / "summary.json").exists()
+
+    lines = []
+    summary = tr.train(tiny_config("gpt2", out, **opts), prepared=corpus(), log=lines.append)
+    assert not [p.name for p in out.iterdir() if ".partial-" in p.name]
+    assert all(f"removed {out / name}, left by a run stopped while writing it" in lines for name in partial)
+    assert f"resumed from {out}/checkpoints at step 4" in lines
+    # The figures measured before the first stop: the final evaluation and tokens/s travel with the checkpoint.
+    assert summary["step"] == 4 and summary["eval_loss"] == read_metrics(out)[-1]["eval_loss"]
+    assert summary["tokens_per_s"] > 0 and json.loads((out / "summary.json").read_text()) == summary
+    assert not lines[-1].endswith("not evaluated")
+    assert_same_params(out, out / "hf")
+
+
 # ---------------------------------------------------------------- divergence
 
 def test_nonfinite_steps_never_reach_parameters_or_files(tmp_path):

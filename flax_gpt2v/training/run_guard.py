@@ -146,15 +146,18 @@ class RunLock:
         return None
 
     def release(self) -> None:
-        if self.file is not None:
-            if _same_file(self.file, self.path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)  # before unlocking: a waiter that got this file retries (_same_file)
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-            self._unlock_dir()
-            if self.created_dir and not os.listdir(self.dir):
+        if self.file is None:
+            return
+        ours = self.dir_fd is None or _same_file(self.dir_fd, self.dir)  # not moved or replaced
+        if ours and _same_file(self.file, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)  # before unlocking: a waiter that got this file retries (_same_file)
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
+        self._unlock_dir()
+        if self.created_dir and ours:
+            with contextlib.suppress(OSError):  # not empty: this run wrote something
                 os.rmdir(self.dir)  # a run that wrote nothing leaves nothing
 
     def _unlock_dir(self) -> None:

@@ -2,6 +2,7 @@
 a second process on the same output_dir, a full filesystem (issue 12)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -144,17 +145,45 @@ def test_sigterm_during_a_step_that_is_saved_anyway(tmp_path):
     assert all(run_checkpoints.verify(str(out / "checkpoints" / s)) is None for s in ("2", "4"))
 
 
+SLOW_CHECKSUMS = """
+import time
+from flax_gpt2v.training import run_checkpoints
+write_manifest = run_checkpoints.write_manifest
+def slow_write_manifest(step_dir):
+    time.sleep(3)  # a large checkpoint: the stop is still waiting for it when the second signal comes
+    write_manifest(step_dir)
+run_checkpoints.write_manifest = slow_write_manifest
+"""
+
+
 @pytest.mark.slow
-def test_a_second_sigint_exits_at_once(tmp_path):
+def test_the_lock_outlives_its_file_and_a_second_signal_exits_at_once(tmp_path):
     out = tmp_path / "run"
-    proc = start_cli(tmp_path, out, **LONG)
+    proc = start_cli(tmp_path, out, hook=SLOW_CHECKSUMS, **LONG)
     wait_for_step(proc, out, 2)
+    # .lock removed by hand: the directory itself is the lock, a second run is still refused, and the holder
+    # writes .lock again.
+    (out / ".lock").unlink()
+    with pytest.raises(ConfigError, match=rf"config key 'output_dir': {out} is in use by another run \((PID "
+                                          rf"{proc.pid} on this host .*, running|holder unknown), lock"):
+        tr.train(tiny_config("gpt2", out, **LONG), prepared=corpus(), log=lambda m: None)
+    while not (out / ".lock").exists() or not (out / ".lock").read_text().endswith("\n"):
+        assert proc.poll() is None
+        time.sleep(0.1)
+    assert (out / ".lock").read_text().split()[1] == str(proc.pid)
+    # A second signal 0.3 s after the first, while the stop waits for its checkpoint, exits at once.
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate()
+    stdout, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert err.strip().splitlines()[-1].startswith("stopped by")
+    assert err.strip().splitlines()[-1] == ("stopped by a second SIGINT without a checkpoint; run the same command "
+                                            "to resume from the last one")
+    assert f"{out}/.lock was removed; written again (the lock is on {out} itself)" in stdout
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == list(range(1, len(steps) + 1))  # the holder's lines, all of them, and no other run's
+    assert not (out / ".lock").exists()
 
 
 # A signal from inside JAX's tracing of the model's initialisation, right after the lock was taken: the
@@ -417,6 +446,45 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     assert lines == [f"{out}: taking over the lock of a run that ended without releasing it "
                      f"(PID {holder.pid} on this host ({os.uname().nodename}), no longer running)"]
     assert not (out / ".lock").exists()
+
+
+def test_a_moved_output_dir_stops_its_run_and_a_lock_file_lock_is_lost_with_its_file(tmp_path, monkeypatch):
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    indices = tr.data.BatchSchedule.indices
+
+    def moving_indices(self, step):
+        if step == 2:  # not a save step: the move is noticed before the next step
+            while not (out / "checkpoints" / "2" / run_checkpoints.MANIFEST).exists():  # step 2 has landed
+                time.sleep(0.05)
+            os.rename(out, moved)
+        return indices(self, step)
+    monkeypatch.setattr(tr.data.BatchSchedule, "indices", moving_indices)
+    with pytest.raises(ConfigError) as e:
+        tr.train(tiny_config("gpt2", out, max_steps=6, save_steps=2, logging_steps=1, warmup_steps=1),
+                 prepared=corpus(), log=lambda m: None)
+    assert str(e.value) == (f"stopped at step 3: {out} was moved or removed while this run was writing to it; its "
+                            f"last checkpoint is step 2; make sure no other run uses {out}, then run the same command "
+                            "to resume")
+    assert not out.exists() and os.listdir(moved / "checkpoints") == ["2"]
+    assert run_checkpoints.verify(str(moved / "checkpoints" / "2")) is None
+    assert [r["step"] for r in read_metrics(moved)] == [1, 2, 3]
+
+    # Where a directory cannot be flocked (NFS), .lock is the lock, and its removal loses it.
+    flock = run_guard.fcntl.flock
+
+    def nfs_flock(f, op):
+        if isinstance(f, int):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return flock(f, op)
+    monkeypatch.setattr(run_guard.fcntl, "flock", nfs_flock)
+    lock = run_guard.RunLock(str(out))
+    lock.acquire(print)
+    assert lock.dir_fd is None and lock.lost(print) is None
+    (out / ".lock").unlink()
+    assert lock.lost(print) == (f"{out}/.lock was removed or replaced while this run held it, so another run may "
+                                f"now write to {out}")
+    lock.release()
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- a full disk

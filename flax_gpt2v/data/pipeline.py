@@ -32,6 +32,8 @@ Hub (`pretokenized_source`) when they can be had, else builds them, saying so.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -199,6 +201,20 @@ def spec_tokenizer(spec: DataSpec) -> Tokenizer:
         raise DataError(str(e)) from None
 
 
+@contextlib.contextmanager
+def _naming_full_disk(cache: str):
+    """A full disk (or quota) while the token cache is written: one line naming the cache and what to do,
+    not the OS's "No space left on device" alone (a write names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        file = "" if e.filename is None else f" ({e.filename})"
+        raise DataError(f"disk full while writing the token cache {cache}{file}: {e.strerror}; free space there "
+                        "or set cache_dir to a disk with room, then run the same command") from None
+
+
 def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_key: dict, build, log):
     """({split: blocks}, cache hit, directory): each split read from the cache, or made by
     `build(split, base, key)` first."""
@@ -206,7 +222,8 @@ def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_k
                 "tokenizer": [tokenizer.source, tokenizer.fingerprint], **extra_key}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, "data", key)
-    os.makedirs(directory, exist_ok=True)
+    with _naming_full_disk(directory):
+        os.makedirs(directory, exist_ok=True)
     arrays, cache_hit = {}, True
     for split in ("train", "validation"):
         base = os.path.join(directory, split)
@@ -214,7 +231,8 @@ def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_k
         if blocks is None:
             if problem != "missing":
                 log(f"[data] cache {base}.bin is unusable ({problem}); rebuilding it")
-            build(split, base, key)
+            with _naming_full_disk(directory):
+                build(split, base, key)
             cache_hit = False
             blocks, problem = open_blocks(base, key, spec.block_size)
             if blocks is None:

@@ -17,11 +17,13 @@ import time
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import flax_gpt2v as fg
-from flax_gpt2v.training import run_checkpoints, run_guard
+from flax_gpt2v.training import options, pretrained, run_checkpoints, run_guard
 from flax_gpt2v.training import trainer as tr
-from flax_gpt2v.hf.checkpoint import CheckpointError
+from flax_gpt2v.errors import error_line
+from flax_gpt2v.hf.checkpoint import NATIVE_WEIGHTS, CheckpointError
 from flax_gpt2v.config import ConfigError
 
 from helpers import ROOT, TESTS, corpus, read_metrics, tiny_config
@@ -283,6 +285,49 @@ def test_nonfinite_steps_never_reach_parameters_or_files(tmp_path):
     for x in jax.tree.leaves(fg.load(out / "best").params):
         assert np.isfinite(x).all()
     assert any(line.startswith("checkpoint of step") and "not finite" in line for line in lines)
+
+
+def test_parameters_not_finite_from_the_start_are_named_not_the_learning_rate(tmp_path, monkeypatch):
+    run = dict(max_steps=20, logging_steps=1, warmup_steps=1, max_nonfinite_steps=2, save_steps=100)
+    # 1e39 overflows float32 at initialisation; 1e30 does not, but the forward pass does.
+    for scale, cause in ((1e39, "are not finite, so no step could be"),
+                         (1e30, "from the first step on, before any update, so not because of the learning rate: "
+                                "the initial parameters (initializer_range 1e+30) overflow")):
+        with pytest.raises(run_guard.RunStopped) as e:
+            tr.train(tiny_config("gpt2", tmp_path / str(scale), initializer_range=scale, **run), prepared=corpus(),
+                     log=lambda m: None)
+        assert e.value.status == run_guard.DIVERGED_STATUS
+        assert str(e.value).startswith("training diverged: loss or gradient not finite at steps 1-2: ")
+        assert cause in str(e.value) and "lower initializer_range" in str(e.value)
+        assert "learning_rate" not in str(e.value)
+    # A pretrained checkpoint with a NaN: refused before training, naming the parameter.
+    ckpt = tmp_path / "nan"
+    cfg = options.load_run_config(tiny_config("gpt2", tmp_path / "run"))[1]
+    lm = fg.init(cfg, seed=0)
+    lm.save(ckpt)
+    weights = safetensors.numpy.load_file(ckpt / NATIVE_WEIGHTS)
+    weights["transformer/h/ln_2/bias"][0, 3] = np.nan
+    safetensors.numpy.save_file(weights, ckpt / NATIVE_WEIGHTS)
+    with pytest.raises(CheckpointError, match=rf"model_name_or_path {ckpt}: parameter transformer/h/ln_2/bias holds "
+                                              rf"NaN or infinite values \({ckpt}\); the checkpoint is damaged"):
+        pretrained.initial_params({"model_name_or_path": str(ckpt)}, cfg, lm.params, 0, lambda m: None)
+
+
+def test_a_full_disk_under_output_dir_is_named(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    write = tr.MetricsLog.write
+
+    def full_at_step_3(self, record):
+        if record["step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")  # a write names no file
+        write(self, record)
+    monkeypatch.setattr(tr.MetricsLog, "write", full_at_step_3)
+    with pytest.raises(OSError) as e:
+        tr.train(tiny_config("gpt2", out, max_steps=6, save_steps=2, logging_steps=1, warmup_steps=1),
+                 prepared=corpus(), log=lambda m: None)
+    assert error_line(e.value) == (f"error: disk full while writing {out} (No space left on device); free space "
+                                   "and run the same command to resume")
+    assert run_checkpoints.verify(str(out / "checkpoints" / "2")) is None and not (out / ".lock").exists()
 
 
 # ---------------------------------------------------------------- integrity and logs

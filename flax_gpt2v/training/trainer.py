@@ -394,10 +394,10 @@ class Run:
             raise checkpoint.CheckpointError("stopped: another process failed to write a checkpoint; "
                                              "run the same command to resume")
         if self.code == run_guard.LOCK_LOST:
+            why = self.lock_lost or "process 0 lost the lock of output_dir"
             kept = f"its last checkpoint is step {ckpts.last_saved}" if saved else "it has no checkpoint"
-            raise ConfigError(f"stopped at step {done}: {self.lock_lost or 'the lock of output_dir was lost (on process 0)'}; "
-                              f"{kept}; make sure no other run uses {self.opts.output_dir}, then run the same "
-                              "command to resume")
+            raise ConfigError(f"stopped at step {done}: {why}; {kept}; make sure no other run uses "
+                              f"{self.opts.output_dir}, then run the same command to resume")
         if self.code:
             name = signal.Signals(self.code).name
             who = "" if self.signals.received else " (on another process)"
@@ -406,7 +406,7 @@ class Run:
             raise run_guard.RunStopped(f"stopped by {name}{who} {at}; run the same command to resume", 128 + self.code)
 
     def close(self) -> None:
-        """However the run ends: wait for a pending checkpoint (a failed step leaves none half-written), close the files."""
+        """However the run ends, its pending checkpoint lands (none is left half-written) and its files close."""
         self.ckpts.close()
         self.metrics_log.close()
 

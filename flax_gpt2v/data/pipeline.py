@@ -34,6 +34,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import errno
+import glob
 import hashlib
 import itertools
 import json
@@ -48,7 +49,7 @@ from tqdm.auto import tqdm
 
 from flax_gpt2v.models import ops, variant_of
 from flax_gpt2v.config import block_length
-from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError
+from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError, process_alive
 from flax_gpt2v.data.tfds import load_tfds
 from flax_gpt2v.data.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
 from flax_gpt2v.errors import first_line
@@ -201,6 +202,16 @@ def spec_tokenizer(spec: DataSpec) -> Tokenizer:
         raise DataError(str(e)) from None
 
 
+def _remove_dead_builds(base: str) -> None:
+    """The temporary files of builds of `base` whose process died on this host: a stop during data
+    preparation exits at once (run_guard), with no cleanup, and these can be as large as the data."""
+    host = socket.gethostname()
+    for path in glob.glob(glob.escape(base) + ".*.tmp-*"):
+        owner, _, pid = path.rsplit(".tmp-", 1)[1].rpartition("-")
+        if owner == host and pid.isdigit() and not process_alive(int(pid)):
+            os.remove(path)
+
+
 @contextlib.contextmanager
 def _naming_full_disk(cache: str):
     """A full disk (or quota) while the token cache is written: one line naming the cache and what to do,
@@ -231,6 +242,7 @@ def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_k
         if blocks is None:
             if problem != "missing":
                 log(f"[data] cache {base}.bin is unusable ({problem}); rebuilding it")
+            _remove_dead_builds(base)
             with _naming_full_disk(directory):
                 build(split, base, key)
             cache_hit = False

@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from flax_gpt2v.config import ConfigError
+from flax_gpt2v.data.common import process_alive
 
 LOCK_FILE = ".lock"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -181,17 +182,7 @@ def describe(holder: str) -> str:
     host, pid = parts[0], int(parts[1])
     if host != socket.gethostname():
         return f"PID {pid} on host {host}"
-    return f"PID {pid} on this host ({host}), {'running' if _alive(pid) else 'no longer running'}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return f"PID {pid} on this host ({host}), {'running' if process_alive(pid) else 'no longer running'}"
 
 
 class StopSignals:

@@ -1,5 +1,7 @@
 """Data pipeline: sources, grouping, caches, batch order and batch layout. Local data only."""
 import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -78,6 +80,18 @@ def test_a_full_disk_under_the_token_cache_names_it(tmp_path, monkeypatch):
     assert str(e.value) == (f"disk full while writing the token cache {directory}: No space left on device; free "
                             "space there or set cache_dir to a disk with room, then run the same command")
     assert os.listdir(directory) == []  # no partial cache left taking room
+
+    # What a build that exited at once (a stop during data preparation) left is removed by the next build
+    # on this host, unless its process still runs.
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname()
+    left, running = directory / f"train.bin.tmp-{host}-{dead.pid}", directory / f"train.bin.tmp-{host}-{os.getppid()}"
+    left.write_bytes(b"x")
+    running.write_bytes(b"x")
+    monkeypatch.undo()
+    prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
+    assert not left.exists() and running.exists()
 
 
 def test_datasets_saved_to_disk_and_text_builder(tmp_path):

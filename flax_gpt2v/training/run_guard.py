@@ -170,9 +170,10 @@ class RunLock:
 def _same_file(f, path: str) -> bool:
     """f (a file or a descriptor) is what path names now."""
     try:
-        return os.fstat(f if isinstance(f, int) else f.fileno()).st_ino == os.stat(path).st_ino
+        held, named = os.fstat(f if isinstance(f, int) else f.fileno()), os.stat(path)
     except FileNotFoundError:
         return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def describe(holder: str) -> str:

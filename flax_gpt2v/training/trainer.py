@@ -143,6 +143,7 @@ class Run:
         self.pending = None  # the previous step's bad_steps, read one step late
         self.stop = None  # (first, last) non-finite step when the run diverged
         self.lock_lost = None  # why, when the lock stopped keeping other runs out
+        self.closed = False
 
     # ------------------------------------------------------------ setup
 
@@ -386,7 +387,10 @@ class Run:
         if (self.code not in (0, run_guard.FAILED_SAVE, run_guard.LOCK_LOST) and done > self.start
                 and done not in (ckpts.last_saved, ckpts.pending)):
             self.save(done)  # the step a signal interrupted: checkpointed before stopping
-        ckpts.finish()
+        try:
+            ckpts.finish()
+        finally:
+            self.close()  # here, as every process passes here at once: Orbax's close is a collective
         saved = ckpts.last_saved is not None
         if self.stop:
             raise run_guard.RunStopped(self._diverged_line(), run_guard.DIVERGED_STATUS)
@@ -407,8 +411,10 @@ class Run:
 
     def close(self) -> None:
         """However the run ends, its pending checkpoint lands (none is left half-written) and its files close."""
-        self.ckpts.close()
-        self.metrics_log.close()
+        if not self.closed:
+            self.closed = True
+            self.ckpts.close()
+            self.metrics_log.close()
 
     def _diverged_line(self) -> str:
         """Why the run diverged. From the first step this run took, the parameters it started from are the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from typing import IO, Any, Callable
 
@@ -26,12 +27,24 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def partial_name(name: str) -> str:
+    """The name a write of `name` has until it is whole: hidden, `.<name>.partial-<host>-<pid>-<id>`, so
+    that whoever cleans up after a kill can tell a dead writer's leftovers from a live writer's file."""
+    return f".{name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def partial_writer(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(host, pid) of the process that wrote the partial file `path` (`partial_name`); None if not one."""
+    head, _, _ = os.path.basename(path).rpartition(".partial-")[2].rpartition("-")
+    host, _, pid = head.rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
 def write_file(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False) -> None:
     """Write `path` atomically and durably: write(f) fills a temporary file beside it."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    # Hidden, and named as every partial write here is (`.<name>.partial-<id>`), for whoever cleans up after a kill.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(directory, partial_name(os.path.basename(path)))
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
@@ -71,7 +84,7 @@ def fsync_tree(directory: str | os.PathLike) -> None:
 def move_into(directory: str | os.PathLike, write: Callable[[str], None]) -> list[str]:
     """Run write(staging), which makes the directory `staging` inside `directory` and writes files into
     it, then move each file into `directory`, durably (each one old or new, never torn); the names moved."""
-    staging = os.path.join(directory, f".staging.partial-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(directory, partial_name("staging"))
     os.makedirs(directory, exist_ok=True)
     try:
         write(staging)

@@ -47,6 +47,21 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer > 0 (a size or count of 0 would silently mean a default)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def is_expected(e: BaseException) -> bool:
     """The project's errors, and OSErrors about the user's files: one naming a file, a full or
     read-only filesystem, or a "not found" raised with a message. Other OSErrors are bugs."""

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from flax_gpt2v.errors import ArgumentParser, run_cli
+from flax_gpt2v.errors import ArgumentParser, positive, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--hf", metavar="DIR", help="HF directory (our export or the original's Hub format)")
     src.add_argument("--compare", metavar="RUN_DIR", nargs="+", help="compare training runs' metrics.jsonl")
     p.add_argument("--validation_file", help="text/json/csv/parquet file to evaluate on instead of the run's data")
-    p.add_argument("--block_size", type=int, help="tokens per block (default: the run's, else the model's)")
-    p.add_argument("--batch_size", type=int, default=8, help="blocks, or with --tasks requests, per batch")
+    p.add_argument("--block_size", type=positive, help="tokens per block (default: the run's, else the model's)")
+    p.add_argument("--batch_size", type=positive, default=8, help="blocks, or with --tasks requests, per batch")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--duo_loss", choices=("dual", "original"),
                    help="duo-predict: 'original' also reports the original's combined loss")

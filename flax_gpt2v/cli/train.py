@@ -52,4 +52,13 @@ def _main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, sys.argv[1:] if argv is None else argv)
+    from flax_gpt2v.training.run_guard import StopSignals
+
+    # From here on, while the config is read and devices start, a signal exits at once in one line too;
+    # train() takes over with its own for the run.
+    signals = StopSignals()
+    signals.install()
+    try:
+        return run_cli(_main, sys.argv[1:] if argv is None else argv)
+    finally:
+        signals.restore()

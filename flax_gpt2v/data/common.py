@@ -1,4 +1,7 @@
-"""What every text source shares: the data error, the rows read per batch and the check that a row is text."""
+"""What every text source shares: the data error, the rows read per batch and the check that a row is
+text; whether a process lives (the token cache's temporary files and the training lock name their
+writer's host and PID)."""
+import os
 
 # Rows handed to the tokenizer and the grouping at once, whatever the source.
 ROWS_PER_BATCH = 1000
@@ -19,3 +22,14 @@ def check_texts(texts: list, where: str, first_row: int, column: str) -> list[st
             raise DataError(f"{where}: row {first_row + i + 1}, column {column!r}: {what}, not text; "
                             "fix or remove the row")
     return texts
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

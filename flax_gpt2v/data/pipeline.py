@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
+import glob
 import hashlib
 import itertools
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -47,7 +50,7 @@ from tqdm.auto import tqdm
 from flax_gpt2v import durable
 from flax_gpt2v.models import ops, variant_of
 from flax_gpt2v.config import block_length
-from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError, check_texts
+from flax_gpt2v.data.common import ROWS_PER_BATCH, DataError, check_texts, process_alive
 from flax_gpt2v.data.tfds import load_tfds
 from flax_gpt2v.data.tokenizer import Tokenizer, TokenizerError, hub_reachable, load_tokenizer
 from flax_gpt2v.errors import first_line
@@ -202,6 +205,31 @@ def spec_tokenizer(spec: DataSpec) -> Tokenizer:
         raise DataError(str(e)) from None
 
 
+def _remove_dead_builds(base: str) -> None:
+    """The temporary files of builds of `base` whose process died on this host: a stop during data
+    preparation exits at once (run_guard), with no cleanup, and these can be as large as the data."""
+    host = socket.gethostname()
+    directory, name = os.path.split(base)
+    for path in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.partial-*")):
+        writer = durable.partial_writer(path)
+        if writer is not None and writer[0] == host and not process_alive(writer[1]):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def _naming_full_disk(cache: str):
+    """A full disk (or quota) while the token cache is written: one line naming the cache and what to do,
+    not the OS's "No space left on device" alone (a write names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        file = "" if e.filename is None else f" ({e.filename})"
+        raise DataError(f"disk full while writing the token cache {cache}{file}: {e.strerror}; free space there "
+                        "or set cache_dir to a disk with room, then run the same command") from None
+
+
 def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_key: dict, build, log):
     """({split: blocks}, {split: their SHA-256}, cache hit, directory): each split read from the cache,
     or made by `build(split, base, key)` first."""
@@ -209,7 +237,8 @@ def _cached_blocks(spec: DataSpec, tokenizer: Tokenizer, cache_dir: str, extra_k
                 "tokenizer": [tokenizer.source, tokenizer.fingerprint], **extra_key}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, "data", key)
-    os.makedirs(directory, exist_ok=True)
+    with _naming_full_disk(directory):
+        os.makedirs(directory, exist_ok=True)
     arrays, digests, cache_hit = {}, {}, True
     for split in ("train", "validation"):
         base = os.path.join(directory, split)
@@ -228,7 +257,9 @@ def cached_split(base: str, key: str, block_size: int, build: Callable[[], None]
         return blocks, digest, True
     if digest != "missing":
         log(f"[data] cache {base}.bin is unusable ({digest}); rebuilding it")
-    build()
+    _remove_dead_builds(base)
+    with _naming_full_disk(os.path.dirname(base)):
+        build()
     blocks, digest = open_blocks(base, key, block_size)
     if blocks is None:
         raise DataError(f"cache {base}.bin was just written but cannot be read back: {digest}")

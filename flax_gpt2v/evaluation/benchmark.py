@@ -42,7 +42,7 @@ from flax_gpt2v.training import sharding
 from flax_gpt2v.training.options import TrainOptions
 from flax_gpt2v.training.steps import (eval_loop, flops_per_token, init_state, jit_train_step, make_eval_step,
                                        peak_flops)
-from flax_gpt2v.errors import ArgumentParser, run_cli
+from flax_gpt2v.errors import ArgumentParser, non_negative, positive, run_cli
 from flax_gpt2v.config import PRESETS, TRAINING_KEYS, ConfigError, read_json
 from flax_gpt2v.models import load_config
 from flax_gpt2v.models.gpt2 import REMAT_POLICIES
@@ -507,20 +507,6 @@ def default_output(device: str, date: str) -> Path:
 
 
 # ---------------------------------------------------------------- command line
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],

@@ -177,6 +177,9 @@ def initial_params(train: Mapping[str, Any], cfg: Mapping[str, Any], fresh: Mapp
     added = check_structure(src, cfg, name)
     flat, out = flatten_params(params), flatten_params(fresh)
     for key, value in flat.items():
+        if not np.isfinite(value).all():  # else every step would be skipped as if the learning rate were too high
+            raise checkpoint.CheckpointError(f"model_name_or_path {name}: parameter {key} holds NaN or infinite "
+                                             f"values ({path}); the checkpoint is damaged, use another")
         if key != WTE:
             out[key] = np.asarray(value, np.float32)
     old_rows, rows = src["vocab_size"], cfg["vocab_size"]

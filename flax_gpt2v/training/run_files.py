@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from typing import Any, Callable, Mapping
 
 import jax
@@ -164,6 +165,20 @@ def what_was_trained(model_cfg: dict, num_params: int, steps: int, prepared, las
     if tokenizer == "gpt2":
         return line + " - per GPT-2 token, the unit of GPT-2's published perplexities (on this text, not theirs)"
     return line + f" - per token of the {tokenizer} tokenizer, not comparable with GPT-2's perplexities"
+
+
+def remove_partial_writes(out: str, log) -> None:
+    """Remove what a run killed while writing best/, the final model or hf/ left: each is written whole
+    in a `.<name>.partial-...` directory (hf/checkpoint.py, durable.move_into) that then moves into place,
+    and every file under a `durable.partial_name` until it is renamed."""
+    for name in sorted(os.listdir(out)):
+        if name.startswith(".") and ".partial-" in name:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:  # a file durable.write_file had not renamed yet
+                os.remove(path)
+            log(f"removed {path}, left by a run stopped while writing it")
 
 
 def save_final(opts: TrainOptions, model_cfg: dict, params, log) -> None:

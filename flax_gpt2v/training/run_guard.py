@@ -1,18 +1,22 @@
 """What keeps a training run whole against the world outside it: one run per output_dir
-(a lock), and stopping cleanly on SIGTERM / SIGINT (preemption, Ctrl-C).
+(a lock), and stopping cleanly on SIGTERM / SIGINT (preemption, Ctrl-C) at any moment of the run.
 
-The lock is `fcntl.flock` on `<output_dir>/.lock`, which the kernel releases when its
-holder dies however it dies, so a dead run never blocks the next. The holder writes
-"host pid" into the file and removes it on a clean exit (with output_dir itself when it
-created it and left it empty); a file left with text in it names a run that died holding
-the lock, and the new holder says so. On a shared
-filesystem, flock works across hosts only where the filesystem supports it (NFSv4,
-Lustre mounted with -o flock).
+The lock is `fcntl.flock` on output_dir itself, which the kernel releases when its holder dies
+however it dies, so a dead run never blocks the next, and which no one deletes by accident.
+`<output_dir>/.lock` says who holds it ("host pid"); the holder writes it again if it is removed
+and removes it on a clean exit (with output_dir itself when it created it and left it empty); a
+file left with text in it names a run that died holding the lock, and the new holder says so.
+Where the filesystem cannot flock a directory (NFS emulates flock with byte-range locks, which
+need a file open for writing) the lock is on `.lock` instead, and the holder stops when that file
+is removed or replaced. On a shared filesystem, flock works across hosts only where the
+filesystem supports it (NFSv4, Lustre mounted with -o flock).
 
-Signals: the first SIGTERM or SIGINT asks the training loop to stop after the step in
-progress (it then checkpoints that step); a second one exits at once. Before the loop
-starts (data preparation, compilation) the first signal stops at once: nothing is lost.
-With several processes, `agreed_stop` makes every process stop at the same step.
+Signals: the first SIGTERM or SIGINT during training asks the loop to stop after the step in
+progress (it then checkpoints that step); a second one exits at once. Before the loop (data
+preparation, compilation, restoring) and once training is complete and checkpointed (the final
+model, export and summary) the first signal exits at once: nothing is lost, the same command
+resumes or finishes the run. With several processes, `agreed_stop` makes every process stop at
+the same step.
 """
 from __future__ import annotations
 
@@ -24,16 +28,21 @@ import signal
 import socket
 import sys
 import threading
+from typing import Callable
 
 import numpy as np
 
 from flax_gpt2v.config import ConfigError
+from flax_gpt2v.data.common import process_alive
 
 LOCK_FILE = ".lock"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Exit statuses: 128 + the signal's number for a stop by signal (the shell's convention),
 # and this one for a run stopped because its loss diverged.
 DIVERGED_STATUS = 3
+# Stop codes beside a signal's number, agreed on like one (agreed_stop): a failed checkpoint save, and
+# the lock lost (RunLock.lost) on the process that holds it.
+FAILED_SAVE, LOCK_LOST = 255, 254
 # With several processes, they agree on a stop every this many steps (and after every save step), not
 # at every step: an all-gather makes each host wait for the step before it to finish on every host.
 AGREE_EVERY = 10
@@ -53,65 +62,118 @@ class RunLock:
     """An exclusive lock on an output_dir; `acquire` raises ConfigError naming the holder."""
 
     def __init__(self, output_dir: str):
+        self.dir = output_dir
         self.path = os.path.join(output_dir, LOCK_FILE)
+        self.dir_fd: int | None = None  # the locked directory; None: the lock is on .lock (file)
         self.file = None
         self.created_dir = False
 
     def acquire(self, log) -> None:
         try:
-            self.created_dir = not os.path.isdir(os.path.dirname(self.path))
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.created_dir = not os.path.isdir(self.dir)
+            os.makedirs(self.dir, exist_ok=True)
+            dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise ConfigError(f"config key 'output_dir': cannot use {self.dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                os.close(dir_fd)
+                raise self._in_use() from None
+            os.close(dir_fd)  # this filesystem cannot lock a directory: .lock is the lock
+            dir_fd = None
+        self.dir_fd = dir_fd
+        try:
+            self.file = self._open_lock_file(log)
+        except BaseException:
+            self._unlock_dir()
+            raise
+
+    def _open_lock_file(self, log):
+        """.lock, written "host pid", locked too (the lock itself where the directory is not)."""
+        try:
             f = open(self.path, "a+")
         except OSError as e:
-            raise ConfigError(f"config key 'output_dir': cannot use {os.path.dirname(self.path)}: "
-                              f"{e.strerror}") from None
+            raise ConfigError(f"config key 'output_dir': cannot use {self.dir}: {e.strerror}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 f.close()
                 raise ConfigError(f"config key 'output_dir': cannot lock {self.path}: {e.strerror}") from None
-            f.seek(0)
-            holder = describe(f.read())
             f.close()
-            raise ConfigError(f"config key 'output_dir': {os.path.dirname(self.path)} is in use by another "
-                              f"run ({holder}, lock {self.path}); wait for it to end or use another "
-                              "output_dir") from None
+            raise self._in_use() from None
         if not _same_file(f, self.path):
             # The holder removed the lock file (release) between our open and its unlock: the lock we got
             # is on a file no one else will open. Take the new one instead.
             f.close()
-            created = self.created_dir
-            self.acquire(log)
-            self.created_dir = created
-            return
+            return self._open_lock_file(log)
         f.seek(0)
         previous = f.read().strip()
         if previous:
-            log(f"{os.path.dirname(self.path)}: taking over the lock of a run that ended without releasing "
-                f"it ({describe(previous)})")
+            log(f"{self.dir}: taking over the lock of a run that ended without releasing it ({describe(previous)})")
         f.seek(0)
         f.truncate()
         f.write(f"{socket.gethostname()} {os.getpid()}\n")
         f.flush()
-        self.file = f
+        return f
+
+    def _in_use(self) -> ConfigError:
+        try:
+            with open(self.path) as f:
+                holder = describe(f.read())
+        except OSError:
+            holder = describe("")
+        return ConfigError(f"config key 'output_dir': {self.dir} is in use by another run ({holder}, lock "
+                           f"{self.path}); wait for it to end or use another output_dir")
+
+    def lost(self, log) -> str | None:
+        """Why the lock no longer keeps other runs out of output_dir (None: it does). Called at every
+        step: two stats. A removed .lock is written again where the directory is the lock."""
+        if self.file is None:
+            return None
+        if self.dir_fd is not None:
+            if not _same_file(self.dir_fd, self.dir):
+                return f"{self.dir} was moved or removed while this run was writing to it"
+            if not _same_file(self.file, self.path):
+                self.file.close()
+                self.file = self._open_lock_file(log)
+                log(f"{self.path} was removed; written again (the lock is on {self.dir} itself)")
+            return None
+        if not _same_file(self.file, self.path):
+            return (f"{self.path} was removed or replaced while this run held it, so another run may now "
+                    f"write to {self.dir}")
+        return None
 
     def release(self) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        ours = self.dir_fd is None or _same_file(self.dir_fd, self.dir)  # not moved or replaced
+        if ours and _same_file(self.file, self.path):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)  # before unlocking: a waiter that got this file retries (_same_file)
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-            if self.created_dir and not os.listdir(os.path.dirname(self.path)):
-                os.rmdir(os.path.dirname(self.path))  # a run that wrote nothing leaves nothing
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.file = None
+        self._unlock_dir()
+        if self.created_dir and ours:
+            with contextlib.suppress(OSError):  # not empty: this run wrote something
+                os.rmdir(self.dir)  # a run that wrote nothing leaves nothing
+
+    def _unlock_dir(self) -> None:
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)  # closing the last descriptor releases the flock
+            self.dir_fd = None
 
 
 def _same_file(f, path: str) -> bool:
+    """f (a file or a descriptor) is what path names now."""
     try:
-        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        held, named = os.fstat(f if isinstance(f, int) else f.fileno()), os.stat(path)
     except FileNotFoundError:
         return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def describe(holder: str) -> str:
@@ -121,48 +183,100 @@ def describe(holder: str) -> str:
     host, pid = parts[0], int(parts[1])
     if host != socket.gethostname():
         return f"PID {pid} on host {host}"
-    return f"PID {pid} on this host ({host}), {'running' if _alive(pid) else 'no longer running'}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return f"PID {pid} on this host ({host}), {'running' if process_alive(pid) else 'no longer running'}"
 
 
 class StopSignals:
-    """SIGTERM / SIGINT handlers for the duration of a run (main thread only; elsewhere a no-op)."""
+    """SIGTERM / SIGINT for the duration of a run (installed from the main thread; elsewhere a no-op).
 
-    def __init__(self):
+    Python runs a handler only between the main thread's bytecodes: late while that thread is inside
+    XLA (compiling, a step, a transfer), once for two signals that came meanwhile, and an exception
+    it raised would come out of whatever ran then (JAX's tracing, a garbage-collection callback).
+    So the handler does nothing: a thread reads every signal from the wakeup fd, where the C handler
+    writes one byte per signal as it arrives, and acts on it. During training (`phase` "loop") the
+    first sets `received`, which the loop acts on at the next step; before it ("setup") and once
+    training is complete and checkpointed ("finishing") the first exits at once, as does a second.
+    Exiting at once is os._exit after one line and `on_exit` (the lock's release): no Python cleanup,
+    so no exception or teardown can meet XLA's or Orbax's threads halfway.
+    """
+
+    def __init__(self, on_exit: Callable[[], None] | None = None):
         self.received: int | None = None  # the first signal's number
-        self.in_loop = False              # True: finish the step and checkpoint; False: stop at once
+        self.phase = "setup"
+        self.on_exit = on_exit
+        self._lock = threading.Lock()
         self._previous = {}
+        self._pipe = self._wakeup = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._pipe = read, write
         for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, _ignore)
+        self._wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), daemon=True, name="stop signals").start()
 
     def restore(self) -> None:
+        if self._pipe is None:
+            return
+        signal.set_wakeup_fd(self._wakeup)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        os.close(self._pipe[1])  # the watcher reads the end of the pipe and ends (it closes the read end)
+        self._pipe = None
 
-    def _handle(self, signum, frame) -> None:
+    def _watch(self, read: int) -> None:
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for byte in iter(lambda: pipe.read(1), b""):
+                signum = byte[0]
+                if signum in SIGNALS:
+                    self._act(signum)
+
+    def _act(self, signum: int) -> None:
+        with self._lock:
+            if self.received is not None:
+                # The second signal: the user wants out now. No traceback, no cleanup that could hang.
+                self._exit(f"\nstopped by a second {signal.Signals(signum).name} without a checkpoint; run the "
+                           "same command to resume from the last one", signum)
+            self.received = signum
+            if self.phase != "loop":
+                self._exit(self._line(signum), signum)
+
+    def enter(self, phase: str) -> None:
+        """Into "loop" or "finishing"; a signal that came during the loop but was not acted on there (it
+        came after its last check) is acted on now."""
+        with self._lock:
+            self.phase = phase
+            if phase != "loop" and self.received is not None:
+                self._exit(self._line(self.received), self.received)
+
+    def _line(self, signum: int) -> str:
         name = signal.Signals(signum).name
-        if self.received is not None:
-            # The second signal: the user wants out now. No traceback, no cleanup that could hang.
-            print(f"stopped by a second {name} without a checkpoint; run the same command to resume from "
-                  "the last one", file=sys.stderr, flush=True)
+        if self.phase == "setup":
+            return f"stopped by {name} before training; run the same command to resume"
+        return (f"stopped by {name} while writing the final model, export and summary (training is complete "
+                "and checkpointed); run the same command to write them")
+
+    def _exit(self, line: str, signum: int) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.write(2, (line + "\n").encode())
+            if self.on_exit is not None:
+                with contextlib.suppress(Exception):
+                    self.on_exit()
+        finally:
             os._exit(128 + signum)
-        self.received = signum
-        if not self.in_loop:
-            raise RunStopped(f"stopped by {name} before training; run the same command to resume", 128 + signum)
+
+
+def _ignore(signum, frame) -> None:
+    """Installed so that the C handler writes to the wakeup fd; StopSignals' thread acts."""
 
 
 def agree(code: int) -> int:
@@ -175,7 +289,7 @@ def agree(code: int) -> int:
 
 
 def agreed_stop(step: int, save_steps: int, code: int) -> int:
-    """The stop code (a signal's number, 255 for a failed save, 0 to go on) every process acts on
+    """The stop code (a signal's number, FAILED_SAVE, LOCK_LOST, 0 to go on) every process acts on
     before `step`. One process acts on its own at once. Several agree (the largest code) every
     AGREE_EVERY steps and after every save step, the same steps on every process; a stop waits for
     the next of those, and a stop after a save step needs no checkpoint of its own."""

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from flax_gpt2v import durable
 from flax_gpt2v.config import ConfigError
@@ -37,10 +38,10 @@ from flax_gpt2v.models import build_model, variant_of
 from flax_gpt2v.training import cluster, harness, original_experiments, pretrained, run_guard, sharding
 from flax_gpt2v.training.options import (DATA_KEYS, IGNORED_KEYS, TrainOptions, fit_to_tokenizer,
                                          load_run_config)
-from flax_gpt2v.training.run_checkpoints import RunCheckpoints
+from flax_gpt2v.training.run_checkpoints import RunCheckpoints, disk_errno
 from flax_gpt2v.training.run_files import (CHECKPOINTS, RUN_CONFIG, SUMMARY, MetricsLog, check_output_dir,
-                                           check_same_tokens, record_changes, save_final, strict_json,
-                                           what_was_trained)
+                                           check_same_tokens, record_changes, remove_partial_writes, save_final,
+                                           strict_json, what_was_trained)
 from flax_gpt2v.training.schedule import run_optimizer
 from flax_gpt2v.training.steps import (abstract_state, eval_loop, eval_metrics, flops_per_token, global_batch,
                                        host_params, init_state, jit_eval_step, peak_flops, run_train_step)
@@ -62,13 +63,24 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
     lock = run_guard.RunLock(opts.output_dir)
-    signals = run_guard.StopSignals()
+    signals = run_guard.StopSignals(on_exit=lock.release)
     signals.install()
+    run = None
     try:
         run = Run(model_raw, model_cfg, opts, train_keys, prepared, log, signals, lock, notes)
         run.loop()
         return run.finish()
+    except OSError as e:
+        if disk_errno(e) is None:
+            raise
+        # A full disk under output_dir outside a checkpoint (those say so themselves): metrics.jsonl,
+        # run_config.json, best/, the final model. Orbax's own errors name no file.
+        where = e.filename or opts.output_dir
+        raise OSError(e.errno, f"disk full while writing {where} ({e.strerror}); free space and run the same "
+                               "command to resume") from None
     finally:
+        if run is not None:
+            run.close()
         lock.release()
         signals.restore()
 
@@ -77,8 +89,8 @@ class Throughput:
     """Training tokens per second over the logging intervals after the first (which holds compilation),
     evaluation time left out."""
 
-    def __init__(self):
-        self.tokens, self.seconds = 0, 0.0  # over the timed intervals
+    def __init__(self, tokens: int = 0, seconds: float = 0.0):
+        self.tokens, self.seconds = tokens, seconds  # over the timed intervals (a resumed run's too)
         self.mark, self.since, self.paused = None, 0, 0.0  # the current interval
 
     def interval(self) -> float | None:
@@ -108,7 +120,7 @@ class Run:
     def __init__(self, model_raw, model_cfg, opts: TrainOptions, train_keys, prepared, log, signals, lock, notes):
         from tqdm import tqdm
 
-        self.opts, self.train_keys, self.log, self.signals = opts, train_keys, log, signals
+        self.opts, self.train_keys, self.log, self.signals, self.lock = opts, train_keys, log, signals, lock
         self.is_main = jax.process_index() == 0
         self.hub = HubPush(opts, train_keys.get("hub_token"), log, active=self.is_main)
         notes.append(original_experiments.no_effect_line(k for k in train_keys if k in IGNORED_KEYS))
@@ -129,11 +141,11 @@ class Run:
             f"{self.batches.steps_per_epoch} steps/epoch, warmup {self.warmup}")
         self.bar = tqdm(total=self.total, initial=self.start, disable=not self.is_main, dynamic_ncols=True,
                         desc=opts.run_name)
-        self.throughput = Throughput()
-        self.seq_len = self.last_eval = None
         self.done, self.code = self.start, 0
         self.pending = None  # the previous step's bad_steps, read one step late
         self.stop = None  # (first, last) non-finite step when the run diverged
+        self.lock_lost = None  # why, when the lock stopped keeping other runs out
+        self.closed = False
 
     # ------------------------------------------------------------ setup
 
@@ -170,6 +182,8 @@ class Run:
         if self.is_main:
             self.prepared.tokenizer.save(opts.output_dir, model_max_length=self.model_cfg["n_positions"])
         self.tokenizer_dir = opts.output_dir if checkpoint.has_tokenizer(opts.output_dir) else None
+        if self.is_main:
+            remove_partial_writes(opts.output_dir, self.log)
         return saved_run
 
     def _setup_schedule(self) -> None:
@@ -221,11 +235,17 @@ class Run:
         # Early-stopping state travels with the checkpoint, so a resume continues the same count.
         self.meta = {"best_eval_loss": None, "bad_evals": 0, "stopped": False}
         self.start = 0
+        self.throughput, self.seq_len, self.last_eval = Throughput(), None, None
         restored = (self.ckpts.restore(abstract_state(self.state, self.state_shardings))
                     if saved_run is not None else None)
         if restored is not None:
             self.state, self.meta = restored
             self.start = int(jax.device_get(self.state["step"]))
+            # What the summary reports travels with the checkpoint too: a run killed while writing its
+            # final files, resumed, still reports its last evaluation and throughput.
+            tokens, seconds = self.meta.pop("throughput", (0, 0.0))
+            self.throughput = Throughput(tokens, seconds)
+            self.seq_len, self.last_eval = self.meta.pop("seq_len", None), self.meta.pop("last_eval", None)
             self.log(f"resumed from {opts.output_dir}/{CHECKPOINTS} at step {self.start}")
             self.run_config = record_changes(saved_run, self.run_config, self.start, self.log)
         elif self.train_keys.get("model_name_or_path"):  # a resumed run continues from its own checkpoints instead
@@ -239,11 +259,10 @@ class Run:
 
     def loop(self) -> None:
         """Train until the last step, early stopping, divergence or a stop signal (agreed by every process)."""
-        self.signals.in_loop = True
+        self.signals.enter("loop")
         for step in range(self.start, self.total):
             # Every process stops at the same step: the stop code is agreed on (max over processes).
-            self.code = run_guard.agreed_stop(step, self.opts.save_steps,
-                                              self.signals.received or (255 if self.ckpts.poll() else 0))
+            self.code = run_guard.agreed_stop(step, self.opts.save_steps, self.stop_code())
             if self.meta["stopped"] or self.code:
                 break
             metrics = self.step(step)
@@ -263,6 +282,15 @@ class Run:
             if self.pending is not None:
                 self.stop = self.diverged(jax.device_get(self.pending), self.done)
         self.bar.close()
+
+    def stop_code(self) -> int:
+        """This process's reason to stop before the next step (run_guard's codes), 0 for none."""
+        if self.signals.received:
+            return self.signals.received
+        if self.ckpts.poll():
+            return run_guard.FAILED_SAVE
+        self.lock_lost = self.lock.lost(self.log)
+        return run_guard.LOCK_LOST if self.lock_lost else 0
 
     def due(self, every: int) -> bool:
         return self.done % every == 0 or self.done == self.total
@@ -342,7 +370,8 @@ class Run:
         if int(jax.device_get(self.state["bad_steps"])):
             self.log(f"checkpoint of step {step} skipped: its loss or gradient is not finite")
             return
-        self.ckpts.save(step, self.state, self.meta)
+        self.ckpts.save(step, self.state, {**self.meta, "last_eval": self.last_eval, "seq_len": self.seq_len,
+                                           "throughput": [self.throughput.tokens, self.throughput.seconds]})
         if self.hub.every_save and step < self.total and not self.meta["stopped"]:  # the last goes with the final export
             self.hub.push_checkpoint(step, self.model_cfg, host_params(self.state["params"]), self.tokenizer_dir)
 
@@ -353,6 +382,7 @@ class Run:
         self._close()
         final_step = int(jax.device_get(self.state["step"]))
         params = host_params(self.state["params"])  # a collective: every process, before any may return
+        self.signals.enter("finishing")  # everything is checkpointed: a signal now exits at once
         summary_path = os.path.join(self.opts.output_dir, SUMMARY)
         # A damaged summary (a power loss) is missing: the final model and summary are written again.
         saved = durable.read_derived_json(summary_path, self.log) if final_step == self.start else None
@@ -374,31 +404,64 @@ class Run:
         """Agree on a late stop signal, checkpoint the step it interrupted, wait for the checkpoints, and
         raise why the run stopped early, if it did."""
         ckpts, done = self.ckpts, self.done
-        if not self.stop and done < self.total and not self.meta["stopped"]:  # a signal during the last step stops nothing
+        if not self.stop:  # a signal during the last step too: the run stops once that step is checkpointed
             self.code = run_guard.agree(self.code or self.signals.received or 0)
-        if self.code and self.code != 255 and done > self.start and done not in (ckpts.last_saved, ckpts.pending):
+        if (self.code not in (0, run_guard.FAILED_SAVE, run_guard.LOCK_LOST) and done > self.start
+                and done not in (ckpts.last_saved, ckpts.pending)):
             self.save(done)  # the step a signal interrupted: checkpointed before stopping
         try:
             ckpts.finish()
         finally:
-            ckpts.close()
-            self.metrics_log.close()
+            self.close()  # here, as every process passes here at once: Orbax's close is a collective
         saved = ckpts.last_saved is not None
         if self.stop:
-            kept = f"checkpoint step {ckpts.last_saved}" if saved else "no checkpoint yet"
-            raise run_guard.RunStopped(
-                f"training diverged: loss or gradient not finite at steps {self.stop[0]}-{self.stop[1]} (updates "
-                f"skipped; the last finite state is in {kept}); try a lower learning_rate, longer warmup, a "
-                "smaller max_grad_norm, or bf16 false", run_guard.DIVERGED_STATUS)
-        if self.code == 255:
+            raise run_guard.RunStopped(self._diverged_line(), run_guard.DIVERGED_STATUS)
+        if self.code == run_guard.FAILED_SAVE:
             raise checkpoint.CheckpointError("stopped: another process failed to write a checkpoint; "
                                              "run the same command to resume")
+        if self.code == run_guard.LOCK_LOST:
+            why = self.lock_lost or "process 0 lost the lock of output_dir"
+            kept = f"its last checkpoint is step {ckpts.last_saved}" if saved else "it has no checkpoint"
+            raise ConfigError(f"stopped at step {done}: {why}; {kept}; make sure no other run uses "
+                              f"{self.opts.output_dir}, then run the same command to resume")
         if self.code:
             name = signal.Signals(self.code).name
             who = "" if self.signals.received else " (on another process)"
             kept = f"step {ckpts.last_saved}" if saved else "no checkpoint"
             at = f"at step {done}" if ckpts.last_saved == done else f"at step {done} (last checkpoint: {kept})"
             raise run_guard.RunStopped(f"stopped by {name}{who} {at}; run the same command to resume", 128 + self.code)
+
+    def close(self) -> None:
+        """However the run ends, its pending checkpoint lands (none is left half-written) and its files close."""
+        if not self.closed:
+            self.closed = True
+            self.ckpts.close()
+            self.metrics_log.close()
+
+    def _diverged_line(self) -> str:
+        """Why the run diverged. From the first step this run took, the parameters it started from are the
+        suspects, not the learning rate: they are not finite, or (a fresh start) not one update was made."""
+        (first, last), saved = self.stop, self.ckpts.last_saved
+        kept = f"checkpoint step {saved}" if saved is not None else "no checkpoint yet"
+        steps = f"training diverged: loss or gradient not finite at steps {first}-{last}"
+        if first == self.start + 1:
+            if self.start:
+                source, fix = f"the parameters restored from checkpoint step {self.start}", \
+                    f"remove {self.ckpts.step_dir(self.start)} to resume from the checkpoint before it"
+            elif self.train_keys.get("model_name_or_path"):
+                source, fix = f"the parameters of model_name_or_path {self.train_keys['model_name_or_path']}", \
+                    "use another checkpoint, or bf16 false"
+            else:
+                source, fix = (f"the initial parameters (initializer_range {self.model_cfg.get('initializer_range')})",
+                               "lower initializer_range (GPT-2's is 0.02), or bf16 false")
+            finite = all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(self.state["params"]))
+            if not finite:
+                return f"{steps}: {source} are not finite, so no step could be; {fix}"
+            if not self.start:
+                return (f"{steps}: from the first step on, before any update, so not because of the learning "
+                        f"rate: {source} overflow; {fix}")
+        return (f"{steps} (updates skipped; the last finite state is in {kept}); try a lower learning_rate, longer "
+                "warmup, a smaller max_grad_norm, or bf16 false")
 
     def _summary(self, final_step: int) -> dict:
         """summary.json's figures (steps, last eval, tokens/s, MFU), also logged."""

@@ -489,6 +489,13 @@ def test_eval_with_a_junk_run_config(tmp_path, capsys):
                       ck / "run_config.json")
 
 
+def test_eval_sizes_that_are_not_positive(tmp_path, capsys):
+    # Not silently the run's block size, or the model's (0 is falsy).
+    for key, value in (("--block_size", "0"), ("--block_size", "-3"), ("--batch_size", "0")):
+        line = fails_cleanly(capsys, tmp_path, eval_jax.main, ["--checkpoint", tmp_path / "ck", key, value], key)
+        assert line == f"error: argument {key}: must be a positive integer, got {value}"
+
+
 def test_eval_and_benchmark_filesystem_errors_as_processes(tmp_path):
     script_fails_cleanly(tmp_path, "eval_jax.py", ["--compare", tmp_path / "no-run"], tmp_path / "no-run")
     script_fails_cleanly(tmp_path, "benchmark.py", ["--config", tmp_path / "missing.json"], "missing.json")

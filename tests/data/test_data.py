@@ -1,6 +1,8 @@
 """Data pipeline: sources, grouping, caches, batch order and batch layout. Local data only."""
 import hashlib
 import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -63,6 +65,34 @@ def test_grouping_matches_original(tmp_path):
     # The remainder really was dropped, not padded.
     n_tokens = sum(len(tok.encode(t)) for t in LINES[:50])
     assert got.train.size == n_tokens // 16 * 16
+
+
+def test_a_full_disk_under_the_token_cache_names_it(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)  # where the cache's writes end: the disk is full
+    cfg = {"train_file": write_lines(tmp_path / "train.txt", LINES), "block_size": 16,
+           "cache_dir": str(tmp_path / "hf")}
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
+    (directory,) = (tmp_path / "cache" / "data").iterdir()
+    assert str(e.value) == (f"disk full while writing the token cache {directory}: No space left on device; free "
+                            "space there or set cache_dir to a disk with room, then run the same command")
+    assert os.listdir(directory) == []  # no partial cache left taking room
+
+    # What a build that exited at once (a stop during data preparation) left is removed by the next build
+    # on this host, unless its process still runs.
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname()
+    left, running = (directory / f".train.bin.partial-{host}-{pid}-0123abcd" for pid in (dead.pid, os.getppid()))
+    left.write_bytes(b"x")
+    running.write_bytes(b"x")
+    monkeypatch.undo()
+    prepare_data(cfg, str(tmp_path / "cache"), log=lambda s: None)
+    assert not left.exists() and running.exists()
 
 
 def test_datasets_saved_to_disk_and_text_builder(tmp_path):

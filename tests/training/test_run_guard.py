@@ -2,6 +2,7 @@
 a second process on the same output_dir, a full filesystem (issue 12)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,12 +17,14 @@ import time
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import eval_jax
 import flax_gpt2v as fg
-from flax_gpt2v.training import run_checkpoints, run_guard
+from flax_gpt2v.training import options, pretrained, run_checkpoints, run_guard
 from flax_gpt2v.training import trainer as tr
-from flax_gpt2v.hf.checkpoint import CheckpointError
+from flax_gpt2v.errors import error_line
+from flax_gpt2v.hf.checkpoint import NATIVE_WEIGHTS, CheckpointError
 from flax_gpt2v.config import ConfigError
 
 from helpers import ROOT, TESTS, corpus, read_metrics, tiny_config
@@ -145,17 +148,118 @@ def test_sigterm_during_a_step_that_is_saved_anyway(tmp_path):
     assert all(run_checkpoints.verify(str(out / "checkpoints" / s)) is None for s in ("2", "4"))
 
 
+SLOW_CHECKSUMS = """
+import time
+from flax_gpt2v.training import run_checkpoints
+write_manifest = run_checkpoints.write_manifest
+def slow_write_manifest(step_dir):
+    time.sleep(3)  # a large checkpoint: the stop is still waiting for it when the second signal comes
+    write_manifest(step_dir)
+run_checkpoints.write_manifest = slow_write_manifest
+"""
+
+
 @pytest.mark.slow
-def test_a_second_sigint_exits_at_once(tmp_path):
+def test_the_lock_outlives_its_file_and_a_second_signal_exits_at_once(tmp_path):
     out = tmp_path / "run"
-    proc = start_cli(tmp_path, out, **LONG)
+    proc = start_cli(tmp_path, out, hook=SLOW_CHECKSUMS, **LONG)
     wait_for_step(proc, out, 2)
+    # .lock removed by hand: the directory itself is the lock, a second run is still refused, and the holder
+    # writes .lock again.
+    (out / ".lock").unlink()
+    with pytest.raises(ConfigError, match=rf"config key 'output_dir': {out} is in use by another run \((PID "
+                                          rf"{proc.pid} on this host .*, running|holder unknown), lock"):
+        tr.train(tiny_config("gpt2", out, **LONG), prepared=corpus(), log=lambda m: None)
+    while not (out / ".lock").exists() or not (out / ".lock").read_text().endswith("\n"):
+        assert proc.poll() is None
+        time.sleep(0.1)
+    assert (out / ".lock").read_text().split()[1] == str(proc.pid)
+    # A second signal 0.3 s after the first, while the stop waits for its checkpoint, exits at once.
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate()
+    stdout, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert err.strip().splitlines()[-1].startswith("stopped by")
+    assert err.strip().splitlines()[-1] == ("stopped by a second SIGINT without a checkpoint; run the same command "
+                                            "to resume from the last one")
+    assert f"{out}/.lock was removed; written again (the lock is on {out} itself)" in stdout
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == list(range(1, len(steps) + 1))  # the holder's lines, all of them, and no other run's
+    assert not (out / ".lock").exists()
+
+
+# A signal from inside JAX's tracing of the model's initialisation, right after the lock was taken: the
+# moment whose exception once came out of XLA's compile and segfaulted at exit (status 139).
+SIGNAL_WHILE_TRACING = """
+import os, signal, time
+from flax_gpt2v.training import steps
+init_params = steps.init_params
+def signalling_init_params(module, key):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # still tracing when the signal is handled
+    return init_params(module, key)
+steps.init_params = signalling_init_params
+"""
+
+
+def assert_one_line_exit(proc, status, line):
+    _, err = proc.communicate()
+    assert proc.returncode == status, err[-3000:]
+    for noise in ("Traceback", "Exception ignored", "Fatal Python error"):
+        assert noise not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == line, err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_signal_while_compiling_exits_at_once_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = start_cli(tmp_path, out, hook=SIGNAL_WHILE_TRACING)
+    assert_one_line_exit(proc, 128 + signal.SIGTERM, "stopped by SIGTERM before training; run the same command to "
+                                                     "resume")
+    assert not (out / ".lock").exists()  # released: the next run takes no notice of a dead holder
+
+
+# The final files of a finished training, each interrupted: a SIGTERM while the native model is written
+# (exits at once: all is checkpointed), then a SIGKILL while hf/ is written on the rerun that finishes them.
+SIGNAL_IN_FINAL_WRITE = """
+import os, signal, time
+import safetensors.numpy, safetensors.torch
+def interrupted(save_file, sig):
+    def save(tensors, path, **kw):
+        save_file(tensors, path, **kw)
+        if not os.path.basename(os.path.dirname(path)).startswith(".best"):
+            os.kill(os.getpid(), sig)
+            time.sleep(60)
+    return save
+safetensors.{module}.save_file = interrupted(safetensors.{module}.save_file, signal.{sig})
+"""
+
+
+@pytest.mark.slow
+def test_a_run_stopped_while_writing_its_final_files_finishes_them_on_the_rerun(tmp_path):
+    out = tmp_path / "run"
+    opts = dict(max_steps=4, save_steps=2, eval_steps=4, logging_steps=1, warmup_steps=1, export_hf=True)
+    proc = start_cli(tmp_path, out, hook=SIGNAL_IN_FINAL_WRITE.format(module="numpy", sig="SIGTERM"), **opts)
+    assert_one_line_exit(proc, 128 + signal.SIGTERM, "stopped by SIGTERM while writing the final model, export and "
+                         "summary (training is complete and checkpointed); run the same command to write them")
+    assert not (out / "summary.json").exists() and not (out / ".lock").exists()
+    proc = start_cli(tmp_path, out, hook=SIGNAL_IN_FINAL_WRITE.format(module="torch", sig="SIGKILL"), **opts)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    partial = [p.name for p in out.iterdir() if ".partial-" in p.name]
+    assert partial and not (out / "hf").exists() and not (out / "summary.json").exists()
+
+    lines = []
+    summary = tr.train(tiny_config("gpt2", out, **opts), prepared=corpus(), log=lines.append)
+    assert not [p.name for p in out.iterdir() if ".partial-" in p.name]
+    assert all(f"removed {out / name}, left by a run stopped while writing it" in lines for name in partial)
+    assert f"resumed from {out}/checkpoints at step 4" in lines
+    # The figures measured before the first stop: the final evaluation and tokens/s travel with the checkpoint.
+    assert summary["step"] == 4 and summary["eval_loss"] == read_metrics(out)[-1]["eval_loss"]
+    assert summary["tokens_per_s"] > 0 and json.loads((out / "summary.json").read_text()) == summary
+    assert not lines[-1].endswith("not evaluated")
+    assert_same_params(out, out / "hf")
 
 
 # ---------------------------------------------------------------- divergence
@@ -182,6 +286,50 @@ def test_nonfinite_steps_never_reach_parameters_or_files(tmp_path):
     for x in jax.tree.leaves(fg.load(out / "best").params):
         assert np.isfinite(x).all()
     assert any(line.startswith("checkpoint of step") and "not finite" in line for line in lines)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # initializer_range 1e39 itself
+def test_parameters_not_finite_from_the_start_are_named_not_the_learning_rate(tmp_path, monkeypatch):
+    run = dict(max_steps=20, logging_steps=1, warmup_steps=1, max_nonfinite_steps=2, save_steps=100)
+    # 1e39 overflows float32 at initialisation; 1e30 does not, but the forward pass does.
+    for scale, cause in ((1e39, "are not finite, so no step could be"),
+                         (1e30, "from the first step on, before any update, so not because of the learning rate: "
+                                "the initial parameters (initializer_range 1e+30) overflow")):
+        with pytest.raises(run_guard.RunStopped) as e:
+            tr.train(tiny_config("gpt2", tmp_path / str(scale), initializer_range=scale, **run), prepared=corpus(),
+                     log=lambda m: None)
+        assert e.value.status == run_guard.DIVERGED_STATUS
+        assert str(e.value).startswith("training diverged: loss or gradient not finite at steps 1-2: ")
+        assert cause in str(e.value) and "lower initializer_range" in str(e.value)
+        assert "learning_rate" not in str(e.value)
+    # A pretrained checkpoint with a NaN: refused before training, naming the parameter.
+    ckpt = tmp_path / "nan"
+    cfg = options.load_run_config(tiny_config("gpt2", tmp_path / "run"))[1]
+    lm = fg.init(cfg, seed=0)
+    lm.save(ckpt)
+    weights = safetensors.numpy.load_file(ckpt / NATIVE_WEIGHTS)
+    weights["transformer/h/ln_2/bias"][0, 3] = np.nan
+    safetensors.numpy.save_file(weights, ckpt / NATIVE_WEIGHTS)
+    with pytest.raises(CheckpointError, match=rf"model_name_or_path {ckpt}: parameter transformer/h/ln_2/bias holds "
+                                              rf"NaN or infinite values \({ckpt}\); the checkpoint is damaged"):
+        pretrained.initial_params({"model_name_or_path": str(ckpt)}, cfg, lm.params, 0, lambda m: None)
+
+
+def test_a_full_disk_under_output_dir_is_named(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    write = tr.MetricsLog.write
+
+    def full_at_step_3(self, record):
+        if record["step"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")  # a write names no file
+        write(self, record)
+    monkeypatch.setattr(tr.MetricsLog, "write", full_at_step_3)
+    with pytest.raises(OSError) as e:
+        tr.train(tiny_config("gpt2", out, max_steps=6, save_steps=2, logging_steps=1, warmup_steps=1),
+                 prepared=corpus(), log=lambda m: None)
+    assert error_line(e.value) == (f"error: disk full while writing {out} (No space left on device); free space "
+                                   "and run the same command to resume")
+    assert run_checkpoints.verify(str(out / "checkpoints" / "2")) is None and not (out / ".lock").exists()
 
 
 # ---------------------------------------------------------------- integrity and logs
@@ -382,6 +530,45 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     assert lines == [f"{out}: taking over the lock of a run that ended without releasing it "
                      f"(PID {holder.pid} on this host ({os.uname().nodename}), no longer running)"]
     assert not (out / ".lock").exists()
+
+
+def test_a_moved_output_dir_stops_its_run_and_a_lock_file_lock_is_lost_with_its_file(tmp_path, monkeypatch):
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    indices = tr.data.BatchSchedule.indices
+
+    def moving_indices(self, step):
+        if step == 2:  # not a save step: the move is noticed before the next step
+            while not (out / "checkpoints" / "2" / run_checkpoints.MANIFEST).exists():  # step 2 has landed
+                time.sleep(0.05)
+            os.rename(out, moved)
+        return indices(self, step)
+    monkeypatch.setattr(tr.data.BatchSchedule, "indices", moving_indices)
+    with pytest.raises(ConfigError) as e:
+        tr.train(tiny_config("gpt2", out, max_steps=6, save_steps=2, logging_steps=1, warmup_steps=1),
+                 prepared=corpus(), log=lambda m: None)
+    assert str(e.value) == (f"stopped at step 3: {out} was moved or removed while this run was writing to it; its "
+                            f"last checkpoint is step 2; make sure no other run uses {out}, then run the same command "
+                            "to resume")
+    assert not out.exists() and os.listdir(moved / "checkpoints") == ["2"]
+    assert run_checkpoints.verify(str(moved / "checkpoints" / "2")) is None
+    assert [r["step"] for r in read_metrics(moved)] == [1, 2, 3]
+
+    # Where a directory cannot be flocked (NFS), .lock is the lock, and its removal loses it.
+    flock = run_guard.fcntl.flock
+
+    def nfs_flock(f, op):
+        if isinstance(f, int):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return flock(f, op)
+    monkeypatch.setattr(run_guard.fcntl, "flock", nfs_flock)
+    lock = run_guard.RunLock(str(out))
+    lock.acquire(print)
+    assert lock.dir_fd is None and lock.lost(print) is None
+    (out / ".lock").unlink()
+    assert lock.lost(print) == (f"{out}/.lock was removed or replaced while this run held it, so another run may "
+                                f"now write to {out}")
+    lock.release()
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- a full disk

@@ -44,7 +44,7 @@ def _main(argv: list[str]) -> int:
         target, count = overrides.pop("target", None), overrides.pop("devices", None)
         return check_run(config, overrides, target, count)
     try:
-        train(config, overrides)
+        train(config, overrides, exit_at_once=True)
     except RunStopped as e:  # a signal (128 + its number) or divergence (3): the run can be resumed
         print(str(e), file=sys.stderr)
         return e.status

@@ -194,16 +194,21 @@ class StopSignals:
     it raised would come out of whatever ran then (JAX's tracing, a garbage-collection callback).
     So the handler does nothing: a thread reads every signal from the wakeup fd, where the C handler
     writes one byte per signal as it arrives, and acts on it. During training (`phase` "loop") the
-    first sets `received`, which the loop acts on at the next step; before it ("setup") and once
-    training is complete and checkpointed ("finishing") the first exits at once, as does a second.
+    first sets `received`, which the loop acts on at the next step; a second exits at once.
+    Before training ("setup") and once training is complete and checkpointed ("finishing"), the
+    first exits at once too when `exit_at_once` (the command line: a process a scheduler stops).
+    Without it (train() called from Python, e.g. in a notebook, whose interrupt must not end the
+    kernel) the first is only recorded: before training the loop stops before its first step
+    (RunStopped); while finishing, the final files are finished first.
     Exiting at once is os._exit after one line and `on_exit` (the lock's release): no Python cleanup,
     so no exception or teardown can meet XLA's or Orbax's threads halfway.
     """
 
-    def __init__(self, on_exit: Callable[[], None] | None = None):
+    def __init__(self, on_exit: Callable[[], None] | None = None, exit_at_once: bool = True):
         self.received: int | None = None  # the first signal's number
         self.phase = "setup"
         self.on_exit = on_exit
+        self.exit_at_once = exit_at_once
         self._lock = threading.Lock()
         self._previous = {}
         self._pipe = self._wakeup = None
@@ -243,15 +248,20 @@ class StopSignals:
                 self._exit(f"\nstopped by a second {signal.Signals(signum).name} without a checkpoint; run the "
                            "same command to resume from the last one", signum)
             self.received = signum
-            if self.phase != "loop":
+            if self.phase == "loop":
+                return
+            if self.exit_at_once:
                 self._exit(self._line(signum), signum)
+            then = ("the run stops before its first step" if self.phase == "setup"
+                    else "the final model, export and summary are finished first")
+            os.write(2, f"\n{signal.Signals(signum).name} received: {then}; a second signal exits at once\n".encode())
 
     def enter(self, phase: str) -> None:
         """Into "loop" or "finishing"; a signal that came during the loop but was not acted on there (it
         came after its last check) is acted on now."""
         with self._lock:
             self.phase = phase
-            if phase != "loop" and self.received is not None:
+            if phase != "loop" and self.received is not None and self.exit_at_once:
                 self._exit(self._line(self.received), self.received)
 
     def _line(self, signum: int) -> str:

@@ -48,11 +48,13 @@ from flax_gpt2v.training.steps import (abstract_state, eval_loop, eval_metrics, 
 
 
 def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
-          prepared=None, log: Callable[[str], None] | None = None) -> dict:
+          prepared=None, log: Callable[[str], None] | None = None, exit_at_once: bool = False) -> dict:
     """Train (or resume) the run a config describes; returns the summary (steps, metrics, tokens/s, MFU).
 
     `prepared` (a PreparedData) skips `data.prepare_data`, e.g. for in-memory corpora. Holds the
     output_dir's lock while it runs; raises run_guard.RunStopped when a signal or divergence stops it.
+    `exit_at_once`: a signal before training or while finishing ends the process at once (the command
+    line's choice, run_guard.StopSignals); without it, as from a notebook, the process lives on.
     """
     from tqdm import tqdm
 
@@ -63,7 +65,7 @@ def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str,
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
     lock = run_guard.RunLock(opts.output_dir)
-    signals = run_guard.StopSignals(on_exit=lock.release)
+    signals = run_guard.StopSignals(on_exit=lock.release, exit_at_once=exit_at_once)
     signals.install()
     run = None
     try:

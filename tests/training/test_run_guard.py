@@ -39,7 +39,7 @@ from flax_gpt2v.data import pipeline as data
 from flax_gpt2v.training import trainer as tr
 {hook}
 real_train = tr.train
-tr.train = lambda config, overrides: real_train(config, overrides, prepared=t.corpus())
+tr.train = lambda config, overrides, **kw: real_train(config, overrides, prepared=t.corpus(), **kw)
 sys.exit(train_jax.main(["--config", {config!r}]))
 """
 # Constant learning rate: a resumed run may change max_steps and still repeat an uninterrupted one.
@@ -218,6 +218,38 @@ def test_a_signal_while_compiling_exits_at_once_in_one_line(tmp_path):
     assert_one_line_exit(proc, 128 + signal.SIGTERM, "stopped by SIGTERM before training; run the same command to "
                                                      "resume")
     assert not (out / ".lock").exists()  # released: the next run takes no notice of a dead holder
+
+
+def test_from_python_a_first_signal_outside_the_loop_leaves_the_process_alive(tmp_path, monkeypatch, capfd):
+    """train() from Python (a notebook, whose interrupt must not end the kernel): a SIGINT while the step
+    is built stops the run before its first step; one while the final model is written lets
+    the final files be finished. Both real signals to this process, each said in one line."""
+    acted = threading.Event()
+    act = run_guard.StopSignals._act
+    monkeypatch.setattr(run_guard.StopSignals, "_act", lambda self, signum: (act(self, signum), acted.set()))
+
+    def interrupting(function):
+        def interrupted(*args, **kwargs):
+            acted.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+            assert acted.wait(600)  # the watcher thread has read it
+            return function(*args, **kwargs)
+        return interrupted
+
+    run = dict(max_steps=4, save_steps=100, eval_steps=100, logging_steps=1, warmup_steps=1)
+    with monkeypatch.context() as m:
+        m.setattr(tr, "run_train_step", interrupting(tr.run_train_step))
+        with pytest.raises(run_guard.RunStopped) as e:
+            tr.train(tiny_config("gpt2", tmp_path / "setup", **run), prepared=corpus(), log=lambda s: None)
+    assert e.value.status == 128 + signal.SIGINT
+    assert str(e.value) == "stopped by SIGINT at step 0 (last checkpoint: no checkpoint); run the same command to resume"
+    monkeypatch.setattr(tr, "save_final", interrupting(tr.save_final))
+    summary = tr.train(tiny_config("gpt2", tmp_path / "finishing", **run), prepared=corpus(), log=lambda s: None)
+    assert summary["step"] == 4 and (tmp_path / "finishing" / NATIVE_WEIGHTS).exists()
+    err = capfd.readouterr().err
+    assert "SIGINT received: the run stops before its first step; a second signal exits at once" in err
+    assert ("SIGINT received: the final model, export and summary are finished first; a second signal exits at "
+            "once") in err
 
 
 # The final files of a finished training, each interrupted: a SIGTERM while the native model is written

@@ -183,12 +183,16 @@ def state_layout(module, tx, mesh, seed: int):
     return shapes, shardings
 
 
+def create_state(module, tx, shardings, seed: int):
+    """The state of `state_layout`'s shardings: fp32 parameters initialised like
+    `flax_gpt2v.init(cfg, seed)`, created directly in their shards."""
+    return jax.jit(_create_state(module, tx), out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
 def init_state(module, tx, mesh, seed: int):
-    """(state, state shardings): fp32 parameters initialised like `flax_gpt2v.init(cfg, seed)`,
-    created directly in their shards."""
+    """(state, state shardings), the state created as `create_state` does."""
     shardings = state_layout(module, tx, mesh, seed)[1]
-    state = jax.jit(_create_state(module, tx), out_shardings=shardings)(jax.random.PRNGKey(seed))
-    return state, shardings
+    return create_state(module, tx, shardings, seed), shardings
 
 
 def run_train_step(model_cfg, opts, tx, schedule, mesh, platform: str | None = None):

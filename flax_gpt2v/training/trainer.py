@@ -43,8 +43,8 @@ from flax_gpt2v.training.run_files import (CHECKPOINTS, RUN_CONFIG, SUMMARY, Met
                                            check_same_tokens, record_changes, remove_partial_writes, save_final,
                                            strict_json, what_was_trained)
 from flax_gpt2v.training.schedule import run_optimizer
-from flax_gpt2v.training.steps import (abstract_state, eval_loop, eval_metrics, flops_per_token, global_batch,
-                                       host_params, init_state, jit_eval_step, peak_flops, run_train_step)
+from flax_gpt2v.training.steps import (abstract_state, create_state, eval_loop, eval_metrics, flops_per_token,
+                                       global_batch, host_params, jit_eval_step, peak_flops, run_train_step)
 
 
 def train(config: Mapping[str, Any] | str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
@@ -207,8 +207,9 @@ class Run:
 
     def _setup_model(self) -> None:
         opts, cfg = self.opts, self.model_cfg
-        module, _, _, self.train_step = run_train_step(cfg, opts, self.tx, self.schedule, self.mesh)
-        self.state, self.state_shardings = init_state(build_model(cfg), self.tx, self.mesh, opts.seed)
+        module, _, self.state_shardings, self.train_step = run_train_step(cfg, opts, self.tx, self.schedule,
+                                                                          self.mesh)
+        self.state = create_state(build_model(cfg), self.tx, self.state_shardings, opts.seed)
         self.num_params = count_params(cfg)
         self.eval_step = jit_eval_step(module, self.mesh, self.state_shardings["params"],
                                        interleaved=variant_of(cfg).interleaved)

@@ -1,15 +1,17 @@
 """Training and inference throughput of our JAX train step beside the PyTorch twin, in one process.
 
 `python benchmark.py --config configs/dd-both.json --size small --seq 256 --batch 8` (see
-`python benchmark.py --help`). Both sides train the same model on the same batch and targets:
+`python benchmark.py --help`). The sides train on the same batch and targets:
 
 - JAX: `training.steps.jit_train_step` (the trainer's step) on a one-device mesh, AdamW from `schedule`.
 - PyTorch: the twin from `flax_gpt2v.hf.twins`, trained the way the original trained with HF Trainer:
   `torch.optim.AdamW` (fused on CUDA), bf16 autocast over fp32 weights, SDPA attention,
   gradient checkpointing with `--remat`, dropout on, grad-norm clipping at 1.0.
+- hf (unless `--no-hf`): transformers' own GPT2LMHeadModel with the same sizes and dropout, at its best:
+  SDPA and no gradient checkpointing. It is the bar for a variant's overhead over plain GPT-2.
 
-Both sides are built and warmed up first; then timed rounds alternate (JAX round, torch round,
-...) so that a slow phase of the machine hurts both alike, and the median round counts.
+All sides are built and warmed up first; then timed rounds alternate (JAX round, torch round,
+hf round, ...) so that a slow phase of the machine hurts all alike, and the median round counts.
 Forward throughput is the evaluation pass (eval mode, no gradients, logits and loss).
 
 Tokens are the model's input positions per step, batch x length. For duo-predict the input is
@@ -218,28 +220,55 @@ class JaxSide:
 
 
 class TorchSide:
-    """The PyTorch twin, trained like HF Trainer trained the original."""
-    name = "torch"
+    """The PyTorch twin, trained like HF Trainer trained the original; or (`reference`) transformers' own
+    GPT2LMHeadModel of the same sizes at its best: SDPA and no gradient checkpointing (on a GPU without
+    the memory for that, with it, and the result says so)."""
 
-    def __init__(self, work: Workload, bf16: bool, remat: bool, seed: int):
+    def __init__(self, work: Workload, bf16: bool, remat: bool, seed: int, reference: bool = False):
         import torch
 
-        from flax_gpt2v.hf.twins import TWINS, CoreGPT2LMHeadModel
-
-        self.torch, self.bf16 = torch, bf16
+        self.torch, self.bf16, self.reference = torch, bf16, reference
+        self.name = "hf" if reference else "torch"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if work.cfg["model_type"] not in TWINS:  # plain GPT-2: transformers' own config
-            from transformers import GPT2Config
-            config_class, model_class = GPT2Config, CoreGPT2LMHeadModel
+        self.seed, self.remat = seed, remat and not reference
+        self.input_ids = torch.from_numpy(work.input_ids).long().to(self.device)
+        self.targets = torch.from_numpy(work.targets).long().to(self.device)
+        self.build(work)
+        try:
+            self.first_step_s = self.train(1)
+        except torch.OutOfMemoryError:
+            if not reference or self.remat:
+                raise
+            log(f"[{work.name}] hf: out of GPU memory without gradient checkpointing; with it")
+            self.release()
+            self.remat = True
+            self.build(work)
+            self.first_step_s = self.train(1)
+
+    def build(self, work: Workload):
+        torch = self.torch
+        from flax_gpt2v.hf.twins import TWINS, CoreGPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        if self.reference:
+            # The same sizes and dropout as plain GPT-2; positions for the whole input (duo's is interleaved).
+            keys = GPT2Config().to_dict().keys() - {"model_type", "n_positions"}
+            config = GPT2Config(**{k: v for k, v in work.cfg.items() if k in keys},
+                                n_positions=max(work.cfg["n_positions"], work.length))
+            config._attn_implementation = "sdpa"
+            model_class = GPT2LMHeadModel
         else:
-            config_class, model_class = TWINS[work.cfg["model_type"]][:2]
+            if work.cfg["model_type"] not in TWINS:  # plain GPT-2: transformers' own config
+                config_class, model_class = GPT2Config, CoreGPT2LMHeadModel
+            else:
+                config_class, model_class = TWINS[work.cfg["model_type"]][:2]
+            config = config_class(**{k: v for k, v in work.cfg.items() if k != "model_type"})
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        torch.manual_seed(seed)
-        config = config_class(**{k: v for k, v in work.cfg.items() if k != "model_type"})
+        torch.manual_seed(self.seed)
         self.model = model_class(config).to(self.device).train()  # dropout on, as in training
         self.attention = self.model.config._attn_implementation
-        if remat:
+        if self.remat:
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x
             if enable is not None:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -250,10 +279,7 @@ class TorchSide:
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, fused=self.cuda or None)
-        self.input_ids = torch.from_numpy(work.input_ids).long().to(self.device)
-        self.targets = torch.from_numpy(work.targets).long().to(self.device)
         self.loss_value = None
-        self.first_step_s = self.train(1)
 
     @property
     def cuda(self) -> bool:
@@ -320,7 +346,8 @@ class TorchSide:
         return self.torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
 
     def info(self) -> dict:
-        return {"device": self.device_name(), "attn_implementation": self.attention,
+        return {"device": self.device_name(), "model": type(self.model).__module__ + "." + type(self.model).__name__,
+                "attn_implementation": self.attention, "gradient_checkpointing": self.remat,
                 "autocast_bf16": self.bf16, "first_step_s": self.first_step_s,
                 "allow_tf32": bool(self.torch.backends.cuda.matmul.allow_tf32)}
 
@@ -353,6 +380,10 @@ def benchmark(work: Workload, args) -> dict:
         log(f"{tag} torch: building the twin, first step")
         sides.append(TorchSide(work, args.dtype == "bf16", args.remat, args.seed))
         log(f"{tag} torch: first step {sides[-1].first_step_s:.1f} s")
+    if args.hf and not args.jax_only:
+        log(f"{tag} hf: building transformers' GPT2LMHeadModel of the same sizes, first step")
+        sides.append(TorchSide(work, args.dtype == "bf16", args.remat, args.seed, reference=True))
+        log(f"{tag} hf: first step {sides[-1].first_step_s:.1f} s")
 
     def alternate(phase: str, run) -> dict:
         """Warm-up steps for every side, then timed rounds taking turns; tokens/s per round."""
@@ -403,9 +434,11 @@ def benchmark(work: Workload, args) -> dict:
             "loss_last": side.loss(),
             **({"profile": profiles[side.name]} if side.name in profiles else {}),
         }
-    if "jax" in result and "torch" in result:
-        result["ratio"] = {key: result["jax"][f"{key}_tokens_per_s"] / result["torch"][f"{key}_tokens_per_s"]
-                           for key in ("train", "forward")}
+    # JAX against the twin ("ratio") and against transformers' GPT-2 at its best ("ratio_hf").
+    for other, field in (("torch", "ratio"), ("hf", "ratio_hf")):
+        if "jax" in result and other in result:
+            result[field] = {key: result["jax"][f"{key}_tokens_per_s"] / result[other][f"{key}_tokens_per_s"]
+                             for key in ("train", "forward")}
     for side in sides:
         if isinstance(side, TorchSide):
             side.release()
@@ -416,9 +449,9 @@ def benchmark(work: Workload, args) -> dict:
 
 # ---------------------------------------------------------------- report
 
-COLUMNS = ("variant", "tokens/s JAX", "tokens/s torch", "JAX/torch", "MFU JAX", "MFU torch", "peak mem JAX",
-           "peak mem torch", "compile JAX", "1st step torch", "fwd tokens/s JAX", "fwd tokens/s torch",
-           "fwd JAX/torch")
+COLUMNS = ("variant", "tokens/s JAX", "tokens/s torch", "JAX/torch", "tokens/s HF", "JAX/HF", "MFU JAX",
+           "MFU torch", "peak mem JAX", "peak mem torch", "compile JAX", "1st step torch", "fwd tokens/s JAX",
+           "fwd tokens/s torch", "fwd JAX/torch", "fwd JAX/HF")
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -431,12 +464,14 @@ def markdown_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         mem = [get(r, s, "peak_memory_bytes") for s in ("jax", "torch")]
-        ratio = r.get("ratio", {})
+        ratio, ratio_hf = r.get("ratio", {}), r.get("ratio_hf", {})
         rows.append([
             r["variant"] + (" *" if VARIANTS[r["model_type"]].interleaved else ""),
             number(get(r, "jax", "train_tokens_per_s"), "{:,.0f}"),
             number(get(r, "torch", "train_tokens_per_s"), "{:,.0f}"),
             number(ratio.get("train"), "{:.2f}"),
+            number(get(r, "hf", "train_tokens_per_s"), "{:,.0f}"),
+            number(ratio_hf.get("train"), "{:.2f}"),
             number(get(r, "jax", "mfu"), "{:.1%}"),
             number(get(r, "torch", "mfu"), "{:.1%}"),
             *(number(None if m is None else m / 2**30, "{:.2f} GiB") for m in mem),
@@ -445,6 +480,7 @@ def markdown_table(results: list[dict]) -> str:
             number(get(r, "jax", "forward_tokens_per_s"), "{:,.0f}"),
             number(get(r, "torch", "forward_tokens_per_s"), "{:,.0f}"),
             number(ratio.get("forward"), "{:.2f}"),
+            number(ratio_hf.get("forward"), "{:.2f}"),
         ])
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -468,7 +504,7 @@ def shorten(source: str | None, width: int = 90) -> str:
 def profile_tables(result: dict) -> str:
     """Each profiled side's top ops, milliseconds per train step and share of the profiled op time."""
     parts = []
-    for side in ("jax", "torch"):
+    for side in ("jax", "torch", "hf"):
         profile = result.get(side, {}).get("profile")
         if profile:
             lines = [f"{result['variant']}, {side}: top ops by self time ({profile['trace_dir']})", "",
@@ -538,7 +574,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=non_negative, default=2, help="untimed steps per side after the first")
     side = p.add_mutually_exclusive_group()
     side.add_argument("--jax-only", action="store_true", help="only our JAX train step")
-    side.add_argument("--torch-only", action="store_true", help="only the PyTorch twin")
+    side.add_argument("--torch-only", action="store_true", help="only the PyTorch twin (and --hf)")
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train transformers' own GPT2LMHeadModel of the same sizes at its best (SDPA, no "
+                        "gradient checkpointing unless the GPU lacks the memory), the 'hf' side")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help=f"after the timed rounds, profile --steps train steps per side into DIR/<variant>/<side> "
                         f"and list the top {PROFILE_TOP} ops by self time")

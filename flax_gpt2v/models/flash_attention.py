@@ -9,10 +9,10 @@ forward pass keeps an online softmax and saves the log-sum-exp of each row, whic
 pass uses to recompute each tile of probabilities.
 
 The dropout mask is never stored: which (query, key) pairs of a head are dropped is a pure
-function of (seed, batch, head, query index, key index), `dropout_bits`, so the backward pass
-regenerates the forward's mask tile by tile, and the tests build the very same mask for the
-explicit formula (`reference_attention`). The attention mask is an `ops.MaskPattern`, computed
-per tile from indices as well.
+function of (seed, batch, head, query index, key index), `ops.dropout_bits`, so the backward pass
+regenerates the forward's mask tile by tile, and the explicit formula (`ops.explicit_attention`,
+which trains without the kernel) draws the very same mask. The attention mask is an
+`ops.MaskPattern`, computed per tile from indices as well.
 
 On a GPU the kernels lower to Triton; on the CPU they run in Pallas' interpreter (for the tests;
 slow). Which one is decided when the computation is lowered for its platform, so a CPU machine can
@@ -31,72 +31,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flax_gpt2v.models import ops
-
-# A finite "minus infinity" for masked scores: exp of it minus any real score is exactly 0, and a
-# tile with every score masked still has a finite maximum (so no inf - inf).
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
-# ---------------------------------------------------------------- the dropout mask, a pure function
-
-def _rotl(x, r: int):
-    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
-
-
-def _absorb(h, word):
-    """MurmurHash3 (x86, 32-bit): mix one 32-bit word into the state h."""
-    word = _rotl(word * np.uint32(0xCC9E2D51), 15) * np.uint32(0x1B873593)
-    return _rotl(h ^ word, 13) * np.uint32(5) + np.uint32(0xE6546B64)
-
-
-def _finish(h, n_words: int):
-    """MurmurHash3's finaliser: every input bit flips each output bit with probability about 1/2."""
-    h = h ^ np.uint32(4 * n_words)
-    h = (h ^ (h >> np.uint32(16))) * np.uint32(0x85EBCA6B)
-    h = (h ^ (h >> np.uint32(13))) * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
-def dropout_bits(seed, batch, head, query, key):
-    """MurmurHash3_32 of the words (batch, head, query, key) under `seed`: uint32, broadcast over
-    the arguments (integer arrays or scalars). Inside the kernel, query is a column of indices and
-    key a row, so a tile's bits come out [block_q, block_k]."""
-    h = jnp.asarray(seed).astype(jnp.uint32)
-    for word in (batch, head, query, key):
-        h = _absorb(h, jnp.asarray(word).astype(jnp.uint32))
-    return _finish(h, 4)
-
-
-def drop_threshold(rate: float):
-    """Bits below this are dropped: P(drop) = threshold / 2**32, rate rounded to 2**-32."""
-    return np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
-
-
-def dropout_keep(seed, rate: float, batch, head, query, key):
-    """True where dropout keeps the probability of (query, key) in (batch, head)."""
-    return dropout_bits(seed, batch, head, query, key) >= drop_threshold(rate)
-
-
-def seed_from_key(key):
-    """The kernel's dropout seed (uint32 scalar) drawn from a JAX random key."""
-    return jax.random.bits(key, (), jnp.uint32)
-
-
-# ---------------------------------------------------------------- the explicit formula (tests)
-
-def reference_attention(q, k, v, pattern: ops.MaskPattern = ops.CAUSAL, dropout_rate: float = 0.0, seed=None):
-    """What `attention` computes, written out with the [B, H, T, T] scores: the same dropout mask,
-    the same dtypes (fp32 scores and softmax, probabilities cast to v's dtype for the product)."""
-    b, t, h, d = q.shape
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    probs = jax.nn.softmax(jnp.where(pattern.matrix(t), scores, MASK_VALUE), axis=-1)
-    if dropout_rate:
-        index = jnp.arange(t)
-        keep = dropout_keep(seed, dropout_rate, jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
-                            index[:, None], index[None, :])
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
-
 
 # ---------------------------------------------------------------- the kernels
 
@@ -129,10 +63,10 @@ def _tile(st: _Static, seed, batch, head, rows, cols, q, k):
     probability (0 or 1 / (1 - rate)), or None without dropout."""
     s = pl.dot(q, k, trans_b=True) * st.scale
     allowed = st.pattern.visible(rows, cols) & (cols < st.length)[None, :]
-    s = jnp.where(allowed, s, MASK_VALUE)
+    s = jnp.where(allowed, s, ops.MASK_VALUE)
     if not st.rate:
         return s, None
-    keep = dropout_keep(seed, st.rate, batch, head, rows[:, None], cols[None, :])
+    keep = ops.dropout_keep(seed, st.rate, batch, head, rows[:, None], cols[None, :])
     return s, jnp.where(keep, 1.0 / (1.0 - st.rate), 0.0)
 
 

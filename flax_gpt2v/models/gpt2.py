@@ -50,6 +50,13 @@ def layer_norm(eps: float, dtype, name: str | None = None) -> nn.LayerNorm:
                         bias_init=logical(nn.initializers.zeros, "norm"))
 
 
+def dropout(module: nn.Module, x, rate: float, deterministic: bool):
+    """`ops.dropout` of x under a seed from the module's "dropout" key (nothing when deterministic)."""
+    if deterministic or not rate:
+        return x
+    return ops.dropout(x, rate, ops.seed_from_key(module.make_rng("dropout")))
+
+
 def proj_std(cfg) -> float:
     # GPT-2 scales residual-output projections by depth (docs/gpt2.md).
     return cfg["initializer_range"] / math.sqrt(2 * cfg["n_layer"])
@@ -77,8 +84,6 @@ class Attention(nn.Module):
         self.c_proj = nn.DenseGeneral(cfg["n_embd"], axis=(-2, -1), dtype=self.dtype,
                                       kernel_init=logical(normal(proj_std(cfg)), "heads", "kv", "embed"),
                                       bias_init=logical(zeros, "embed"))
-        self.attn_dropout = nn.Dropout(self.cfg["attn_pdrop"])
-        self.resid_dropout = nn.Dropout(self.cfg["resid_pdrop"])
 
     def rotate_qk(self, q, k, positions):
         """Hook: position-dependent transform of q, k [B, T, H, Dh] before the scores."""
@@ -91,23 +96,19 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask, deterministic: bool, implementation: str):
         """softmax(q k^T / sqrt(Dh)) v over q [B, T, H, Dh], k, v [B, S, H, Dh]; mask: None for causal
         with T == S, an ops.MaskPattern (T == S) or a boolean [T, S]. Scores and softmax are fp32 in
-        every path."""
-        rate = 0.0 if deterministic else self.attn_dropout.rate
-        if implementation == "flash":
-            # Dropout drawn inside the kernel: each layer's key gives its own seed.
-            seed = flash_attention.seed_from_key(self.make_rng("dropout")) if rate else None
-            return flash_attention.attention(q, k, v, ops.CAUSAL if mask is None else mask, rate, seed)
+        every path. Dropout on the probabilities (training) is `ops.dropout_keep`'s mask under a seed
+        from each layer's key, the same in the flash kernel and the explicit formula."""
+        rate = 0.0 if deterministic else self.cfg["attn_pdrop"]
+        if rate or implementation == "flash":
+            pattern = ops.CAUSAL if mask is None else mask
+            seed = ops.seed_from_key(self.make_rng("dropout")) if rate else None
+            if implementation == "flash":
+                return flash_attention.attention(q, k, v, pattern, rate, seed)
+            # No fused kernel in JAX takes dropout: the probabilities are materialised.
+            return ops.explicit_attention(q, k, v, pattern, rate, seed)
         if isinstance(mask, ops.MaskPattern):
             mask = mask.matrix(q.shape[1])
-        if not rate:
-            return ops.fused_attention(q, k, v, mask, implementation)
-        # Dropout on the probabilities needs them materialised: no fused kernel in JAX exposes that.
-        if mask is None:
-            mask = ops.causal_mask(jnp.arange(q.shape[1]), jnp.arange(k.shape[1]))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-        probs = self.attn_dropout(probs, deterministic=deterministic).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return ops.fused_attention(q, k, v, mask, implementation)
 
     def __call__(self, x, positions, mask, kv, cache_index, deterministic: bool):
         qkv = self.c_attn(x)  # [B, T, 3, H, Dh]
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         o = self.attend(q, k, v, mask, deterministic, implementation)
         o = self.transform_heads(o, deterministic)
         y = self.c_proj(o)
-        return self.resid_dropout(y, deterministic=deterministic), kv
+        return dropout(self, y, self.cfg["resid_pdrop"], deterministic), kv
 
 
 class MLP(nn.Module):
@@ -144,7 +145,7 @@ class MLP(nn.Module):
         x = nn.Dense(cfg["n_embd"], dtype=self.dtype, name="c_proj",
                      kernel_init=logical(normal(proj_std(cfg)), "mlp", "embed"),
                      bias_init=logical(zeros, "embed"))(x)
-        return nn.Dropout(cfg["resid_pdrop"])(x, deterministic=deterministic)
+        return dropout(self, x, cfg["resid_pdrop"], deterministic)
 
 
 class Block(nn.Module):
@@ -208,7 +209,6 @@ class Transformer(nn.Module):
 
         self.wte = nn.Embed(padded_vocab(cfg), cfg["n_embd"], embedding_init=logical(wte_init, "vocab", "embed"))
         self.wpe = nn.Embed(cfg["n_positions"], cfg["n_embd"], embedding_init=logical(init, "positions", "embed"))
-        self.drop = nn.Dropout(cfg["embd_pdrop"])
         # The layers' parameters, stacked: leaf [L, ...] of the block's [...].
         self.h = self.param("h", self.init_layers)
         self.ln_f = layer_norm(cfg["layer_norm_epsilon"], self.dtype)
@@ -260,7 +260,7 @@ class Transformer(nn.Module):
 
     def __call__(self, input_ids, positions, mask, cache: Cache, cache_index, deterministic: bool):
         x = self.wte(input_ids) + self.wpe(positions)[None]
-        x = self.drop(x, deterministic=deterministic).astype(self.dtype)
+        x = dropout(self, x, self.cfg["embd_pdrop"], deterministic).astype(self.dtype)
         x, cache = self.run_blocks(x, positions, mask, cache, cache_index, deterministic)
         return self.ln_f(x), cache
 

@@ -100,6 +100,83 @@ def fused_attention(q, k, v, mask, implementation: str):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation=implementation)
 
 
+# ---------------------------------------------------------------- dropout, a pure function
+# Which elements dropout drops is a hash of (seed, the element's indices): for attention
+# (seed, batch, head, query, key), so a blockwise kernel (models/flash_attention.py) regenerates any
+# tile of the mask in its backward pass, and the explicit formula draws the very same mask. On a
+# CPU it is also far cheaper than drawing threefry bits (README's Speed).
+
+# A finite "minus infinity" for masked scores: exp of it minus any real score is exactly 0, and a
+# tile with every score masked still has a finite maximum (so no inf - inf).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _rotl(x, r: int):
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _absorb(h, word):
+    """MurmurHash3 (x86, 32-bit): mix one 32-bit word into the state h."""
+    word = _rotl(word * np.uint32(0xCC9E2D51), 15) * np.uint32(0x1B873593)
+    return _rotl(h ^ word, 13) * np.uint32(5) + np.uint32(0xE6546B64)
+
+
+def _finish(h, n_words: int):
+    """MurmurHash3's finaliser: every input bit flips each output bit with probability about 1/2."""
+    h = h ^ np.uint32(4 * n_words)
+    h = (h ^ (h >> np.uint32(16))) * np.uint32(0x85EBCA6B)
+    h = (h ^ (h >> np.uint32(13))) * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def dropout_bits(seed, *words):
+    """MurmurHash3_32 of the 32-bit words under `seed`: uint32, broadcast over the words (integer
+    arrays or scalars). Attention's words are (batch, head, query, key): inside the kernel, query is
+    a column of indices and key a row, so a tile's bits come out [block_q, block_k]."""
+    h = jnp.asarray(seed).astype(jnp.uint32)
+    for word in words:
+        h = _absorb(h, jnp.asarray(word).astype(jnp.uint32))
+    return _finish(h, len(words))
+
+
+def drop_threshold(rate: float):
+    """Bits below this are dropped: P(drop) = threshold / 2**32, rate rounded to 2**-32."""
+    return np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
+
+
+def dropout_keep(seed, rate: float, *words):
+    """True where dropout keeps the element indexed by `words` (attention: batch, head, query, key)."""
+    return dropout_bits(seed, *words) >= drop_threshold(rate)
+
+
+def dropout(x, rate: float, seed):
+    """x with each element dropped at `rate` and the kept ones scaled by 1 / (1 - rate), as nn.Dropout;
+    the mask is `dropout_keep` of the element's indices, one word per axis."""
+    indices = [jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) for axis in range(x.ndim)]
+    return jnp.where(dropout_keep(seed, rate, *indices), x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def seed_from_key(key):
+    """A dropout seed (uint32 scalar) drawn from a JAX random key."""
+    return jax.random.bits(key, (), jnp.uint32)
+
+
+def explicit_attention(q, k, v, pattern: MaskPattern = CAUSAL, dropout_rate: float = 0.0, seed=None):
+    """dropout(softmax(q k^T / sqrt(Dh) masked by `pattern`)) v for q, k, v [B, T, H, Dh], written out
+    with the [B, H, T, T] scores; fp32 scores and softmax, the probabilities cast to v's dtype for the
+    product. Dropout as torch's SDPA applies it (on the probabilities, the kept ones scaled by
+    1 / (1 - rate)), its mask `dropout_keep` under `seed`: the one the flash kernel draws tile by tile."""
+    b, t, h, d = q.shape
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    probs = jax.nn.softmax(jnp.where(pattern.matrix(t), scores, MASK_VALUE), axis=-1)
+    if dropout_rate:
+        index = jnp.arange(t)
+        keep = dropout_keep(seed, dropout_rate, jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
+                            index[:, None], index[None, :])
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
 def interleave(tokens, mask_token_id: int):
     """Plain token blocks [B, L] -> interleaved inputs [B, 2L-1] with mask ids at odd indices."""
     tokens = jnp.asarray(tokens)

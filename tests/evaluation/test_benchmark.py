@@ -34,10 +34,14 @@ def test_benchmark_records_every_figure(tmp_path, capsys):
     for result in report["results"]:
         assert result["num_params"] > 0 and result["flops_per_token"] > 0
         assert result["jax"]["compile_s"] > 0 and result["jax"]["forward_compile_s"] > 0
-        assert result["torch"]["attn_implementation"] == "sdpa"
+        assert result["torch"]["attn_implementation"] == "sdpa" and result["torch"]["gradient_checkpointing"]
+        # The second torch side: transformers' own GPT-2 of the same sizes, at its best.
+        hf = result["hf"]
+        assert hf["model"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
+        assert hf["attn_implementation"] == "sdpa" and not hf["gradient_checkpointing"]
         # The configs' attention dropout 0.1 keeps JAX training on the explicit path; it is said so.
         assert (result["jax"]["attention"], result["jax"]["train_attention"]) == ("xla", "explicit")
-        for side in ("jax", "torch"):
+        for side in ("jax", "torch", "hf"):
             figures = result[side]
             assert set(SIDE_FIELDS) <= figures.keys()
             for key in ("first_step_s", "train_tokens_per_s", "forward_tokens_per_s", "loss_first", "loss_last"):
@@ -51,13 +55,15 @@ def test_benchmark_records_every_figure(tmp_path, capsys):
         # JAX top ops are traced back to the JAX ops they came from (XLA's own copies have none).
         top = result["jax"]["profile"]["top_ops"]
         assert sum(bool(o["source"]) for o in top) > len(top) // 2
-        assert positive(result["ratio"]["train"]) and positive(result["ratio"]["forward"])
+        assert all(positive(result[r][k]) for r in ("ratio", "ratio_hf") for k in ("train", "forward"))
         # Same model, same batch, same targets: both start near ln(vocab).
         assert abs(result["jax"]["loss_first"] - result["torch"]["loss_first"]) < 0.5
+        assert abs(result["jax"]["loss_first"] - result["hf"]["loss_first"]) < 0.5
     table = capsys.readouterr().out
-    assert "| variant | tokens/s JAX | tokens/s torch |" in table and "| duo-predict * |" in table
+    assert "| variant | tokens/s JAX | tokens/s torch | JAX/torch | tokens/s HF | JAX/HF |" in table
+    assert "| duo-predict * |" in table
     assert "JAX trains with explicit attention at attn_pdrop 0.1" in table
-    assert "parallel-mean, jax: top ops by self time" in table and "parallel-mean, torch: top ops" in table
+    assert all(f"parallel-mean, {side}: top ops by self time" in table for side in ("jax", "torch", "hf"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,9 @@
 """Unit and property tests of the pure math in flax_gpt2v.models.ops."""
+import struct
+
 import jax
 import jax.numpy as jnp
+import mmh3
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -210,3 +213,59 @@ def test_chunked_cross_entropy_bf16_gradients():
     for low, exact in ((h16, h32), (e16, e32)):
         scale = float(jnp.abs(exact).max())
         np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=0, atol=2 ** -6 * scale)
+
+
+# ---------------------------------------------------------------- the dropout hash
+
+def test_dropout_bits_are_murmurhash3_of_the_indices():
+    rng = np.random.default_rng(0)
+    seed, batch, head, query, key = (rng.integers(0, 2 ** 32 - 1, 50, endpoint=True, dtype=np.uint32) for _ in range(5))
+    got = np.asarray(ops.dropout_bits(seed, batch, head, query, key))
+    want = [mmh3.hash(struct.pack("<4I", *map(int, words)), int(s), signed=False)
+            for s, *words in zip(seed, batch, head, query, key)]
+    assert got.tolist() == want
+
+
+def test_dropout_bits_are_a_pure_function_of_every_argument():
+    index = jnp.arange(64)
+    bits = jax.jit(ops.dropout_bits)(7, 1, 2, index[:, None], index[None, :])
+    np.testing.assert_array_equal(bits, ops.dropout_bits(7, 1, 2, index[:, None], index[None, :]))
+    others = [ops.dropout_bits(8, 1, 2, index[:, None], index[None, :]),  # seed
+              ops.dropout_bits(7, 2, 1, index[:, None], index[None, :]),  # batch and head swapped
+              ops.dropout_bits(7, 1, 2, index[None, :], index[:, None])]  # query and key swapped
+    off_diagonal = ~np.eye(64, dtype=bool)  # where swapping query and key changes the words
+    for other in others:
+        assert np.mean((np.asarray(other) == np.asarray(bits))[off_diagonal]) < 1e-3
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_drop_rate_is_the_rate_and_seeds_are_independent(rate):
+    b, h, t = 2, 3, 128
+    index = (jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
+             jnp.arange(t)[:, None], jnp.arange(t)[None, :])
+    keep = np.asarray(ops.dropout_keep(1, rate, *index))
+    other = np.asarray(ops.dropout_keep(2, rate, *index))
+    n = keep.size
+    # Five standard deviations of a binomial proportion over n draws.
+    assert abs(1.0 - keep.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    agree = rate ** 2 + (1 - rate) ** 2  # two independent masks
+    assert abs(np.mean(keep == other) - agree) < 5 * np.sqrt(agree * (1 - agree) / n)
+    assert ops.drop_threshold(0.0) == 0
+
+
+def test_dropout_of_activations():
+    """ops.dropout (residual and embedding dropout): drops at the rate, scales the kept elements by
+    1 / (1 - rate), keeps the dtype; its mask is a pure function of the seed and every index."""
+    rate = 0.25
+    x = jnp.ones((4, 64, 32), jnp.bfloat16)
+    y = np.asarray(jax.jit(ops.dropout, static_argnums=1)(x, rate, 3), np.float32)
+    assert ops.dropout(x, rate, 3).dtype == jnp.bfloat16
+    kept = y != 0
+    np.testing.assert_array_equal(y[kept], np.float32(jnp.bfloat16(1 / (1 - rate))))  # 1 / (1 - rate) in bf16
+    assert abs(1.0 - kept.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / kept.size)
+    np.testing.assert_array_equal(kept, np.asarray(ops.dropout(x, rate, 3)) != 0)
+    other = np.asarray(ops.dropout(x, rate, 4)) != 0
+    agree = rate ** 2 + (1 - rate) ** 2
+    assert abs(np.mean(kept == other) - agree) < 5 * np.sqrt(agree * (1 - agree) / kept.size)
+    # Rows and positions draw their own elements: no two rows of the batch share a mask.
+    assert max(np.mean(kept[0] == kept[i]) for i in (1, 2, 3)) < 0.8

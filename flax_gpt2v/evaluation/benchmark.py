@@ -364,26 +364,33 @@ class TorchSide:
 
 # ---------------------------------------------------------------- one config
 
-def benchmark(work: Workload, args) -> dict:
-    tag = f"[{work.name}]"
-    num_params = count_params(work.cfg)  # as exported: no vocabulary padding rows
-    fpt = flops_per_token(work.cfg, num_params, work.length)
+def build_sides(work: Workload, args) -> list:
+    """The sides the flags ask for, each built, compiled or warmed up by its first step."""
+    tag, bf16 = f"[{work.name}]", args.dtype == "bf16"
     sides = []
     if not args.torch_only:
         log(f"{tag} jax: building and compiling the train step")
         options = dict(remat=args.jax_remat_policy if args.remat else "none", scan=args.jax_scan,
                        attention=args.jax_attention)
-        sides.append(JaxSide(work, args.dtype == "bf16", options, args.seed))
+        sides.append(JaxSide(work, bf16, options, args.seed))
         log(f"{tag} jax: compiled in {sides[-1].compile_s:.1f} s; attention: {sides[-1].train_attention} in "
             f"training, {sides[-1].attention} in the forward pass")
     if not args.jax_only:
         log(f"{tag} torch: building the twin, first step")
-        sides.append(TorchSide(work, args.dtype == "bf16", args.remat, args.seed))
+        sides.append(TorchSide(work, bf16, args.remat, args.seed))
         log(f"{tag} torch: first step {sides[-1].first_step_s:.1f} s")
     if args.hf and not args.jax_only:
         log(f"{tag} hf: building transformers' GPT2LMHeadModel of the same sizes, first step")
-        sides.append(TorchSide(work, args.dtype == "bf16", args.remat, args.seed, reference=True))
+        sides.append(TorchSide(work, bf16, args.remat, args.seed, reference=True))
         log(f"{tag} hf: first step {sides[-1].first_step_s:.1f} s")
+    return sides
+
+
+def benchmark(work: Workload, args) -> dict:
+    tag = f"[{work.name}]"
+    num_params = count_params(work.cfg)  # as exported: no vocabulary padding rows
+    fpt = flops_per_token(work.cfg, num_params, work.length)
+    sides = build_sides(work, args)
 
     def alternate(phase: str, run) -> dict:
         """Warm-up steps for every side, then timed rounds taking turns; tokens/s per round."""
